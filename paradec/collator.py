@@ -1,0 +1,133 @@
+"""The collator: dataset items -> one :class:`~paradec.layout.Layout` per batch.
+
+Invariant: the collator only groups and draws the random choices (branch counts, time offsets);
+every position, label and order comes from :func:`paradec.layout.build_layout`, the one layout
+builder. Its settings are :class:`CollatorConfig`, the schema of the one config group
+``conf/collator/`` that every stage composes, so training and evaluation can never disagree.
+
+Items may be
+  * :class:`BranchSample` (already grouped, e.g. the questions of one SQuAD context): kept as is;
+  * :class:`Branch`, a token list, or a dict with ``input_ids`` (e.g. one pretraining text chunk):
+    consecutive items are grouped into samples of ``branches_per_sample`` branches, or of a seeded
+    random count in ``[min_branches_per_sample, max_branches_per_sample]``, with no background.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .layout import ALIGNMENTS, LOSS_ON, Branch, BranchSample, Layout, build_layout
+
+
+@dataclass
+class CollatorConfig:
+    """Defaults here mirror ``conf/collator/default.yaml`` (the documented copy users edit)."""
+
+    branches_per_sample: int = 4
+    min_branches_per_sample: Optional[int] = None
+    max_branches_per_sample: Optional[int] = None
+    align_to: str = "left"
+    interleave_branches: bool = True
+    branch_stride: int = 128
+    random_time_offset: int = 0
+    pad_to: Optional[int] = None
+    loss_on: str = "target"
+    isolate_branches: bool = False
+    seed: int = 0
+
+    def validate(self) -> "CollatorConfig":
+        """Raise a ValueError naming the ``collator.*`` key of any bad value."""
+        def bad(key, why):
+            raise ValueError(f"collator.{key}: {why}")
+
+        if self.branches_per_sample < 1:
+            bad("branches_per_sample", f"must be >= 1, got {self.branches_per_sample}")
+        lo, hi = self.min_branches_per_sample, self.max_branches_per_sample
+        if (lo is None) != (hi is None):
+            bad("min_branches_per_sample" if lo is None else "max_branches_per_sample",
+                "set both min_branches_per_sample and max_branches_per_sample, or neither")
+        if lo is not None and not 1 <= lo <= hi:
+            bad("min_branches_per_sample", f"need 1 <= min <= max, got min={lo}, max={hi}")
+        if self.align_to not in ALIGNMENTS:
+            bad("align_to", f"must be one of {list(ALIGNMENTS)}, got {self.align_to!r}")
+        if self.loss_on not in LOSS_ON:
+            bad("loss_on", f"must be one of {list(LOSS_ON)}, got {self.loss_on!r}")
+        if self.branch_stride < 1:
+            bad("branch_stride", f"must be >= 1, got {self.branch_stride}")
+        if self.random_time_offset < 0:
+            bad("random_time_offset", f"must be >= 0 (0 = off), got {self.random_time_offset}")
+        if self.pad_to is not None and self.pad_to < 1:
+            bad("pad_to", f"must be a positive length or null, got {self.pad_to}")
+        return self
+
+    @property
+    def max_branches(self) -> int:
+        """The most branches one sample can have under these settings."""
+        return self.max_branches_per_sample or self.branches_per_sample
+
+
+def _as_branch(item: Any) -> Branch:
+    if isinstance(item, Branch):
+        return item
+    if isinstance(item, dict):
+        item = item["input_ids"]
+    return Branch(prompt=[], target=list(item))
+
+
+class ColumnarCollator:
+    """``collate_fn`` for a ``torch.utils.data.DataLoader``; returns a :class:`Layout`."""
+
+    def __init__(self, config: CollatorConfig | None = None, pad_id: int = 0, **overrides):
+        config = config or CollatorConfig()
+        if overrides:
+            config = CollatorConfig(**{**config.__dict__, **overrides})
+        self.config = config.validate()
+        self.pad_id = pad_id
+        self.rng = random.Random(config.seed)
+
+    # The random stream is part of a training run's state, so a resumed run draws the same.
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+
+    def _branch_count(self) -> int:
+        c = self.config
+        if c.min_branches_per_sample is None:
+            return c.branches_per_sample
+        return self.rng.randint(c.min_branches_per_sample, c.max_branches_per_sample)
+
+    def group(self, items: Sequence[Any]) -> list[BranchSample]:
+        """Group loose branches into samples; pass ready samples through, in order."""
+        samples, loose = [], []
+
+        def flush():
+            while loose:
+                k = self._branch_count()
+                samples.append(BranchSample(background=[], branches=loose[:k]))
+                del loose[:k]
+
+        for item in items:
+            if isinstance(item, BranchSample):
+                flush()
+                samples.append(item)
+            else:
+                loose.append(_as_branch(item))
+        flush()
+        return samples
+
+    def __call__(self, items: Sequence[Any]) -> Layout:
+        c = self.config
+        samples = self.group(items)
+        offsets = None
+        if c.random_time_offset > 0:
+            offsets = [self.rng.randint(0, c.random_time_offset) for _ in samples]
+        layout = build_layout(
+            samples, align_to=c.align_to, interleave=c.interleave_branches,
+            branch_stride=c.branch_stride, time_offsets=offsets, pad_to=c.pad_to,
+            pad_id=self.pad_id, loss_on=c.loss_on)
+        layout.isolate_branches = c.isolate_branches
+        return layout
