@@ -1,0 +1,34 @@
+# Set-up and entry points. `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The exact CPU build of torch that this machine kind keeps on local disk (installs in seconds;
+# a loose requirement would pull a multi-GB CUDA build). On a GPU machine: make TORCH=torch
+TORCH ?= torch==2.13.0
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
+
+.PHONY: install demo test bench-layout clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The main job on the embedded default: offline, CPU, a few minutes.
+demo: install
+	$(OFFLINE) $(PY) run.py
+
+# The test suite. Fast tests by default; CI runs the slow ones too: make test TEST_ARGS=
+TEST_ARGS ?= -m "not slow"
+test: install
+	$(OFFLINE) $(PY) -m pytest -q $(TEST_ARGS)
+
+bench-layout: install
+	$(PY) -m paradec.bench layout
+
+clean:
+	rm -rf $(VENV) outputs multirun runs .pytest_cache .hypothesis

@@ -1,0 +1,107 @@
+"""Training checkpoints: atomic, complete, loadable without pickle.
+
+Invariant: a directory named ``checkpoints/step_NNNNNNN`` is always complete. It is written under a
+temporary name and renamed in one step, so a run killed mid-write leaves only a ``.tmp-*``
+directory that :func:`latest_checkpoint` never picks. Weights are safetensors (``save_pretrained``);
+optimizer and scheduler states load with ``torch.load(weights_only=True)``; RNG states, the data
+position, the wandb run id, the resolved config and the git commit are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as JSON-able values plus one tensor."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict, torch_state: torch.Tensor | None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if torch_state is not None:
+        torch.set_rng_state(torch_state)
+
+
+def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler,
+                    trainer_state: dict, keep_last: int = 2) -> Path:
+    """Write a complete checkpoint for ``step`` atomically; keep only the newest ``keep_last``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    state = {**trainer_state, "step": step, "rng": rng_state(), "git_commit": git_commit()}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_training_state(path: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG states in place; return the trainer state dict."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a paradec checkpoint (no trainer_state.json)")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state = json.loads((path / "trainer_state.json").read_text())
+    set_rng_state(state["rng"], torch.load(path / "rng.pt", weights_only=True)["torch"])
+    return state

@@ -1,0 +1,139 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Invariant: every node of the composed config has a schema, so an unknown key fails at start-up
+naming the key (OmegaConf struct mode), a wrongly typed value fails naming the key (OmegaConf type
+checks), and a bad value of the right type fails naming the key (:func:`to_run_config` calls each
+section's ``validate``). The YAML files under ``conf/`` are the documented defaults; the
+dataclasses here are the contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .collator import CollatorConfig
+from .evaluation import EvalConfig
+from .training import TrainerConfig
+
+STAGES = ("pretrain", "finetune", "eval")
+DATA_KINDS = ("text", "qa")
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    data_kind: str = "text"  # text: chunks of text as branches; qa: a context with its questions
+
+    def validate(self) -> "StageConfig":
+        if self.name not in STAGES:
+            raise ValueError(f"stage.name must be one of {list(STAGES)}, got {self.name!r}")
+        if self.data_kind not in DATA_KINDS:
+            raise ValueError(f"stage.data_kind must be one of {list(DATA_KINDS)}, got {self.data_kind!r}")
+        return self
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None
+    vocab_size: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    """Schema of ``conf/model/*.yaml``; architecture fields are unused by Hub presets."""
+
+    name: str = MISSING
+    arch: str = "qwen3"
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    pair_indices: list = field(default_factory=list)
+    branch_stride: int = 128
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    seed: Optional[int] = None
+    vocab_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    num_experts: Optional[int] = None
+    num_experts_per_tok: Optional[int] = None
+    moe_intermediate_size: Optional[int] = None
+    router_aux_loss_coef: Optional[float] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> "ModelConfig":
+        archs = ("qwen3", "llama", "qwen3_moe", "hub")
+        if self.arch not in archs:
+            raise ValueError(f"model.arch must be one of {list(archs)}, got {self.arch!r}")
+        if self.arch == "hub" and not (self.path or self.hub_id):
+            raise ValueError("model.path or model.hub_id must be set for a Hub model")
+        impls = ("sdpa", "eager", "flex_attention")
+        if self.attn_implementation not in impls:
+            raise ValueError(f"model.attn_implementation must be one of {list(impls)}, got "
+                             f"{self.attn_implementation!r} (flash_attention_2 cannot take "
+                             "columnar masks)")
+        if self.branch_stride < 1:
+            raise ValueError(f"model.branch_stride must be >= 1, got {self.branch_stride}")
+        return self
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"
+    project: str = "paradec"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+    def validate(self) -> "LoggerConfig":
+        from .tracking import WANDB_MODES
+
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode must be one of {list(WANDB_MODES)}, got {self.mode!r}")
+        return self
+
+
+@dataclass
+class Config:
+    """The whole composed config (``python run.py --cfg job`` prints it)."""
+
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = MISSING  # each data task has its own schema (paradec.tasks.DATA_SCHEMAS)
+    collator: CollatorConfig = field(default_factory=CollatorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """Make the schemas known to Hydra (``paradec_schema`` and ``<group>/schema`` entries)."""
+    from .tasks import DATA_SCHEMAS
+
+    cs = ConfigStore.instance()
+    cs.store(name="paradec_schema", node=Config)
+    for name, schema in DATA_SCHEMAS.items():
+        cs.store(group="data", name=f"{name}_schema", node=schema)
+
+
+def to_run_config(cfg: DictConfig) -> Config:
+    """Resolve the composed config into typed objects and validate every section's values."""
+    run: Config = OmegaConf.to_object(cfg)
+    for section in (run.stage, run.model, run.collator, run.trainer, run.logger, run.eval):
+        section.validate()
+    if hasattr(run.data, "validate"):
+        run.data.validate()
+    return run

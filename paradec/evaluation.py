@@ -1,0 +1,225 @@
+"""Evaluation: decode every question in each mode, score it, and write what was done.
+
+Invariant: every mode answers exactly the same questions (each id once per mode) with the same
+decode settings; ``parallel`` and ``sequential`` use the one columnar decoder with the collator's
+alignment and stride (the same as training), ``baseline`` and ``batched`` the unpatched model.
+EM / F1 follow the official SQuAD v1.1 script: lower-case, strip punctuation and the articles
+a/an/the, collapse whitespace; the max over the gold answers; fractions in [0, 1].
+
+Modes (DESIGN section 1):
+  parallel    all questions of a context as branches of one sample, one forward per column;
+  sequential  the same columnar model, one question per sample (the fair quality control);
+  baseline    the unpatched model on ``context + question``, one question at a time;
+  batched     the unpatched model, all questions of a context as one left-padded batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .decoding import DecodeConfig, DecodeResult, decode_columnar, decode_plain
+from .layout import BranchSample
+
+log = logging.getLogger(__name__)
+
+MODES = ("parallel", "sequential", "baseline", "batched")
+
+
+# --- official SQuAD v1.1 scoring ----------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, remove punctuation, articles (a/an/the) and extra whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_score(metric, prediction: str, golds: Sequence[str]) -> float:
+    """The max of ``metric`` over the gold answers (0 with no gold answer)."""
+    return max((metric(prediction, g) for g in golds), default=0.0)
+
+
+# --- running the modes --------------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """Schema of the ``eval`` node (documented in ``conf/stage/eval.yaml``)."""
+
+    modes: list = field(default_factory=lambda: ["baseline", "sequential", "parallel"])
+    split: str = "test"
+    max_new_tokens: int = 16
+    max_samples: int = 0
+    batch_size: int = 8
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> "EvalConfig":
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"eval.modes: unknown mode(s) {bad or self.modes}; choose from {list(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"eval.modes lists a mode twice: {list(self.modes)}")
+        for key in ("max_samples",):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        self.decode_config()
+        return self
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_k=self.top_k, top_p=self.top_p, seed=self.seed).validate("eval")
+
+
+@dataclass
+class Question:
+    """One question to answer, with where it came from."""
+
+    id: str
+    sample: int
+    background: list[int]
+    prompt: list[int]
+    answers: list[str]
+
+
+def questions_of(samples: Sequence[BranchSample]) -> list[Question]:
+    out = []
+    for s_idx, sample in enumerate(samples):
+        ids = sample.meta.get("ids") or [f"{s_idx}-{k}" for k in range(len(sample.branches))]
+        answers = sample.meta.get("answers") or [[] for _ in sample.branches]
+        for k, branch in enumerate(sample.branches):
+            out.append(Question(str(ids[k]), s_idx, sample.background, branch.prompt,
+                                list(answers[k])))
+    return out
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, collator_cfg,
+             decode_cfg: DecodeConfig, batch_size: int, progress: bool = True
+             ) -> tuple[list[list[int]], DecodeResult]:
+    """Decode every question of ``samples`` in ``mode``; answers in :func:`questions_of` order."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    singles = [BranchSample(s.background, [b]) for s in samples for b in s.branches]
+    if mode == "parallel":
+        units = [list(group) for group in _batches(samples, batch_size)]
+    elif mode == "sequential":
+        units = [list(group) for group in _batches(singles, batch_size)]
+    elif mode == "baseline":  # one question at a time
+        units = [[s.background + s.branches[0].prompt] for s in singles]
+    else:  # batched: one context's questions per batch, the context copied into every row
+        units = [[s.background + b.prompt for b in s.branches] for s in samples]
+    total = DecodeResult(tokens=[])
+    answers: list[list[int]] = []
+    for unit in tqdm(units, desc=mode, disable=not progress, dynamic_ncols=True, leave=False):
+        if mode in ("parallel", "sequential"):
+            result = decode_columnar(
+                model, unit, eos_token_id=eos, pad_token_id=pad, align_to=collator_cfg.align_to,
+                branch_stride=collator_cfg.branch_stride,
+                isolate_branches=collator_cfg.isolate_branches, cfg=decode_cfg)
+        else:
+            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg)
+        answers += [branch for sample in result.tokens for branch in sample]
+        total.merge(result)
+    return answers, total
+
+
+def answer_text(tokenizer, tokens: list[int]) -> str:
+    """Decoded answer text, without EOS and special tokens."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig, collator_cfg,
+             out_dir: Path, tracker=None, progress: bool = True) -> dict:
+    """Run every mode of ``cfg.modes``; write ``eval.json`` and ``predictions.jsonl``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    questions = questions_of(samples)
+    decode_cfg = cfg.decode_config()
+    report, records = {}, []
+    for mode in cfg.modes:
+        answers, result = run_mode(mode, model, samples, tokenizer=tokenizer,
+                                   collator_cfg=collator_cfg, decode_cfg=decode_cfg,
+                                   batch_size=cfg.batch_size, progress=progress)
+        assert len(answers) == len(questions), (mode, len(answers), len(questions))
+        em = f1 = 0.0
+        for q, tokens in zip(questions, answers):
+            text = answer_text(tokenizer, tokens)
+            q_em, q_f1 = best_score(exact_match, text, q.answers), best_score(f1_score, text, q.answers)
+            em, f1 = em + q_em, f1 + q_f1
+            records.append({"id": q.id, "mode": mode, "prediction": text, "answers": q.answers,
+                            "sample": q.sample, "prompt_tokens": len(q.prompt), "em": q_em,
+                            "f1": q_f1})
+        n = max(len(questions), 1)
+        report[mode] = {
+            "em": em / n, "f1": f1 / n, "n_questions": len(questions),
+            "wall_s": result.wall_s, "questions_per_s": len(questions) / max(result.wall_s, 1e-9),
+            "new_tokens": result.new_tokens, "forward_calls": result.forward_calls,
+            "peak_kv_tokens": result.peak_kv_tokens,
+        }
+        log.info("%s: EM %.3f F1 %.3f, %.1f questions/s", mode, report[mode]["em"],
+                 report[mode]["f1"], report[mode]["questions_per_s"])
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    if tracker is not None:
+        flat = {f"eval/{mode}/{k}": v for mode, row in report.items() for k, v in row.items()}
+        tracker.log(flat)
+        tracker.summary(flat)
+        by_id = collections.defaultdict(dict)
+        for rec in records:
+            by_id[rec["id"]][rec["mode"]] = rec["prediction"]
+        q_by_id = {q.id: q for q in questions}
+        rows = [[qid, tokenizer.decode(q_by_id[qid].prompt, skip_special_tokens=True),
+                 " | ".join(q_by_id[qid].answers), *[preds.get(m, "") for m in cfg.modes]]
+                for qid, preds in by_id.items()]
+        tracker.log_table("eval/predictions", ["id", "question", "gold", *cfg.modes], rows)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The modes side by side, as a markdown table."""
+    keys = ["em", "f1", "n_questions", "questions_per_s", "forward_calls", "new_tokens",
+            "peak_kv_tokens", "wall_s"]
+    lines = ["| metric | " + " | ".join(report) + " |", "|---|" + "---|" * len(report)]
+    for key in keys:
+        cells = []
+        for row in report.values():
+            v = row[key]
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""Model presets, loading and saving, the tokenizer, and the one way paradec calls a model.
+
+Invariant (DESIGN section 4): every model is a transformers causal LM. From-scratch presets
+(``tiny``, ``minimind2_small``, ``minimind2``, ``minimind2_moe``) are transformers architectures
+(Qwen3 / Llama / Qwen3-MoE) built from a config with random weights; Hub presets (``qwen3_0_6b``,
+``qwen3_4b``) are loaded with ``from_pretrained``. Either is patched with 2D RoPE
+(:mod:`paradec.rope`) and called only through :func:`forward_layout`, which passes the layout's
+2D positions and its columnar mask (never ``attention_mask=None``, never ``labels=``).
+
+A preset is a YAML file ``conf/model/<name>.yaml`` (keys documented there); the functions here take
+that mapping as a plain dict or an OmegaConf ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .loss import load_balancing_loss
+from .rope import _unwrap, columnar_settings, is_patched, maybe_patch_from_config, patch_model
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+HUB = "hub"
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+EOS_TOKEN = "<|endoftext|>"  # end of a text / branch; also the padding token
+BOS_TOKEN = "<|bos|>"
+SPECIAL_TOKENS = [EOS_TOKEN, BOS_TOKEN]
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and settings
+# --------------------------------------------------------------------------------------------
+
+def load_preset(name: str, conf_dir: str | os.PathLike | None = None):
+    """Read ``conf/model/<name>.yaml`` as an OmegaConf DictConfig (for tests and scripts)."""
+    from omegaconf import OmegaConf
+
+    path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(conf_dir or CONF_DIR).glob("*.yaml"))
+        raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+    return OmegaConf.load(path)
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` for a dict or DictConfig, ``default`` when missing or null."""
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        value = cfg.get(key, default)
+    else:  # a typed config (paradec.config.ModelConfig) or any object with attributes
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _require(cfg: Any, key: str) -> Any:
+    value = _get(cfg, key)
+    if value is None:
+        raise ValueError(f"model.{key} must be set (preset {_get(cfg, 'name', '?')!r})")
+    return value
+
+
+def _dtype(cfg: Any):
+    """``torch.dtype`` for ``model.dtype``, or "auto" (the checkpoint's own dtype)."""
+    name = str(_get(cfg, "dtype", "float32"))
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype: {name!r} is not one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[name]
+
+
+def _attention(cfg: Any) -> str:
+    impl = str(_get(cfg, "attn_implementation", "sdpa"))
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"model.attn_implementation: {impl!r} cannot take a columnar mask; use one of "
+            f"{SUPPORTED_ATTENTION} (flash_attention_2 treats repeated column positions as packed "
+            "sequences and ignores custom masks)")
+    return impl
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in _unwrap(model).parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, save_dir: str | os.PathLike | None = None,
+                    min_frequency: int = 2):
+    """Train a byte-level BPE tokenizer (GPT-2 style, no unknown tokens) on ``texts``.
+
+    Special tokens: ``<|endoftext|>`` (eos and pad) and ``<|bos|>``. ``vocab_size`` includes the
+    256 byte symbols and the special tokens. Returns a ``PreTrainedTokenizerFast``; with
+    ``save_dir`` it is also saved there, loadable with ``AutoTokenizer.from_pretrained(save_dir)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   bos_token=BOS_TOKEN)
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (eos when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Building, loading, saving
+# --------------------------------------------------------------------------------------------
+
+def transformers_config(model_cfg: Any, vocab_size: int | None = None):
+    """The transformers config of a from-scratch preset (``arch`` qwen3, llama or qwen3_moe)."""
+    from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    arch = _require(model_cfg, "arch")
+    common = dict(
+        vocab_size=int(vocab_size or _require(model_cfg, "vocab_size")),
+        hidden_size=int(_require(model_cfg, "hidden_size")),
+        num_hidden_layers=int(_require(model_cfg, "num_layers")),
+        num_attention_heads=int(_require(model_cfg, "num_heads")),
+        num_key_value_heads=int(_require(model_cfg, "num_kv_heads")),
+        head_dim=int(_require(model_cfg, "head_dim")),
+        intermediate_size=int(_require(model_cfg, "intermediate_size")),
+        tie_word_embeddings=bool(_get(model_cfg, "tie_word_embeddings", True)),
+        rope_parameters={"rope_type": "default",
+                         "rope_theta": float(_get(model_cfg, "rope_theta", 1e6))},
+        max_position_embeddings=int(_get(model_cfg, "max_position_embeddings", 32768)),
+        initializer_range=float(_get(model_cfg, "initializer_range", 0.02)),
+    )
+    if arch == "qwen3":
+        return Qwen3Config(**common)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            num_experts=int(_require(model_cfg, "num_experts")),
+            num_experts_per_tok=int(_require(model_cfg, "num_experts_per_tok")),
+            moe_intermediate_size=int(_require(model_cfg, "moe_intermediate_size")),
+            router_aux_loss_coef=float(_get(model_cfg, "router_aux_loss_coef", 0.01)),
+            # Router logits are captured by forward_layout (transformers' own aux loss cannot
+            # take a 4D mask); the flag marks the model as one that trains with the aux loss.
+            output_router_logits=True,
+        )
+    raise ValueError(f"model.arch: {arch!r} is not one of ['qwen3', 'llama', 'qwen3_moe', 'hub']")
+
+
+def _set_token_ids(config, tokenizer) -> None:
+    if tokenizer is not None:
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+
+
+def apply_columnar(model: nn.Module, model_cfg: Any) -> nn.Module:
+    """Patch ``model`` with the preset's ``pair_indices`` / ``branch_stride``.
+
+    A checkpoint that already records columnar settings must agree with the config: silently
+    switching pair selections between pretraining and finetuning is a known prototype defect.
+    """
+    pairs = list(_get(model_cfg, "pair_indices", []))
+    stride = int(_get(model_cfg, "branch_stride", 128))
+    saved = columnar_settings(model)
+    if saved is not None and (list(saved["pair_indices"]) != pairs
+                              or int(saved["branch_stride"]) != stride):
+        raise ValueError(
+            f"the checkpoint was trained with pair_indices={saved['pair_indices']}, "
+            f"branch_stride={saved['branch_stride']} but the config says model.pair_indices="
+            f"{pairs}, model.branch_stride={stride}; set them to the checkpoint's values")
+    return patch_model(model, pairs, stride)
+
+
+def build_model(model_cfg: Any, tokenizer=None):
+    """A from-scratch preset with random weights, patched with 2D RoPE. Returns ``(model, tok)``.
+
+    The vocabulary is ``len(tokenizer)``; without a tokenizer argument, ``model.tokenizer.path``
+    is loaded when set, else the model gets ``model.vocab_size`` and the tokenizer is None.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok_path = _get(_get(model_cfg, "tokenizer", {}), "path")
+    if tokenizer is None and tok_path is not None:
+        tokenizer = load_tokenizer(tok_path)
+    config = transformers_config(model_cfg, len(tokenizer) if tokenizer is not None else None)
+    _set_token_ids(config, tokenizer)
+    seed = _get(model_cfg, "seed")
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(model_cfg))
+    dtype = _dtype(model_cfg)
+    if dtype != "auto":
+        model = model.to(dtype)
+    return apply_columnar(model, model_cfg), tokenizer
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None,
+                    trust_remote_code: bool = False):
+    """Load a saved model (or a Hub id) and its tokenizer; re-apply a saved 2D RoPE patch.
+
+    Returns ``(model, tokenizer)``; the tokenizer is None when ``path`` has none.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    maybe_patch_from_config(model)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def load_model(model_cfg: Any):
+    """The model a config names, patched with 2D RoPE. Returns ``(model, tokenizer)``.
+
+    ``model.path`` set: a local checkpoint (or Hub id) via :func:`load_pretrained`. Else
+    ``arch: hub`` loads ``model.hub_id``; any other arch is built from scratch by
+    :func:`build_model`.
+    """
+    path = _get(model_cfg, "path")
+    if path is None and _require(model_cfg, "arch") != HUB:
+        return build_model(model_cfg)
+    source = path if path is not None else _require(model_cfg, "hub_id")
+    model, tokenizer = load_pretrained(
+        source, dtype=_dtype(model_cfg), attn_implementation=_attention(model_cfg),
+        trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)))
+    return apply_columnar(model, model_cfg), tokenizer
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` (safetensors, with ``config.columnar``) plus the tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The forward call
+# --------------------------------------------------------------------------------------------
+
+def _check_ready(model: nn.Module, layout) -> None:
+    if not is_patched(model):
+        raise ValueError(
+            "forward_layout needs a model patched with 2D RoPE (paradec.rope.patch_model); "
+            "pair_indices=[] reproduces the unpatched model on one-branch layouts")
+    settings = columnar_settings(model) or {}
+    stride = settings.get("branch_stride")
+    if settings.get("pair_indices") and stride is not None and stride != layout.branch_stride:
+        raise ValueError(
+            f"the layout was built with branch_stride={layout.branch_stride} but the model uses "
+            f"branch_stride={stride}: set collator.branch_stride to match model.branch_stride")
+
+
+def _is_moe(model: nn.Module) -> bool:
+    return hasattr(_unwrap(model).config, "output_router_logits")
+
+
+@contextlib.contextmanager
+def _record_router_logits(model: nn.Module):
+    """Collect every MoE router's logits during a forward (forward hooks, removed after)."""
+    base = _unwrap(model)
+    recorder = getattr(base, "_can_record_outputs", {}).get("router_logits")
+    target = getattr(recorder, "target_class", None)
+    index = getattr(recorder, "index", 0)
+    logits: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _in, out: logits.append(out[index]))
+             for m in base.modules() if target is not None and isinstance(m, target)]
+    try:
+        yield logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def forward_layout(model: nn.Module, layout, *, isolate_branches: bool | None = None,
+                   past_key_values=None, use_cache: bool = False, **model_kwargs):
+    """Run ``model`` on a :class:`~paradec.layout.Layout`: the one way paradec calls a model.
+
+    Passes ``input_ids``, ``position_ids=layout.pos2d`` and the columnar 4D mask converted for
+    the model's attention implementation (``isolate_branches`` None = the layout's own setting).
+    Never ``labels=`` (see :mod:`paradec.loss`). ``model_kwargs`` go to the model unchanged
+    (e.g. ``logits_to_keep``; passing ``attention_mask``, ``position_ids`` or ``labels`` there is
+    an error). For a MoE model in training mode the router
+    load-balancing loss over real tokens is returned as ``outputs.aux_loss`` (unscaled; multiply
+    by ``config.router_aux_loss_coef``).
+    """
+    from .masks import layout_attention_mask
+
+    reserved = {"input_ids", "attention_mask", "position_ids", "labels"} & model_kwargs.keys()
+    if reserved:
+        raise TypeError(f"forward_layout sets {sorted(reserved)} itself (from the layout)")
+    _check_ready(model, layout)
+    mask = layout_attention_mask(model, layout, isolate_branches)
+    kwargs = dict(input_ids=layout.input_ids, position_ids=layout.pos2d, attention_mask=mask,
+                  past_key_values=past_key_values, use_cache=use_cache, **model_kwargs)
+    if not _is_moe(model):
+        return model(**kwargs)
+    # transformers' MoE aux loss reshapes the attention mask as a 2D padding mask, which breaks
+    # on a 4D one: switch it off and compute the loss from recorded router logits instead.
+    with _record_router_logits(model) as router_logits:
+        outputs = model(**kwargs, output_router_logits=False)
+    if model.training and router_logits:
+        config = _unwrap(model).config
+        outputs["aux_loss"] = load_balancing_loss(
+            router_logits, config.num_experts, config.num_experts_per_tok, layout.valid)
+    return outputs

@@ -1,0 +1,149 @@
+"""What each stage does, from a composed config: short functions readable from run.py.
+
+Invariant: every stage builds its model, data and collator from the same config groups, through
+the same functions (``paradec.models``, ``paradec.tasks``, ``paradec.collator``), so pretraining,
+finetuning and evaluation cannot drift apart. A data problem (:class:`paradec.tasks.DataError`)
+or a bad config value ends the run before any model is written, with a non-zero exit and a
+one-line cause.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import models
+from .collator import ColumnarCollator
+from .config import Config, to_run_config
+from .tasks import DataError, load_task
+from .tracking import Tracker
+
+log = logging.getLogger("paradec")
+
+
+def run(cfg: DictConfig):
+    """Dispatch on ``stage.name``; exit non-zero with one line on a data or config error."""
+    try:
+        run_cfg = to_run_config(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        stage = {"pretrain": train_stage, "finetune": train_stage, "eval": eval_stage}
+        return stage[run_cfg.stage.name](run_cfg, run_dir, cfg)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        log.error("%s: %s", type(err).__name__, err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_identity(run: Config) -> tuple[str | None, str | None]:
+    """wandb run name (stage + overrides) and group (the multirun sweep), from Hydra."""
+    hydra = HydraConfig.get()
+    name = run.logger.name or "-".join(
+        filter(None, [run.stage.name, hydra.job.override_dirname or None]))
+    group = run.logger.group
+    if group is None and hydra.mode is not None and hydra.mode.name == "MULTIRUN":
+        group = Path(hydra.sweep.dir).name
+    return name, group
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def model_for_training(run: Config, task):
+    """The stage's model and tokenizer: a checkpoint or Hub model, or a from-scratch preset
+    with a byte-level BPE tokenizer trained on the task's training text."""
+    mcfg = run.model
+    if mcfg.path or mcfg.arch == "hub":
+        model, tokenizer = models.load_model(mcfg)
+    else:
+        if mcfg.tokenizer.path:
+            tokenizer = models.load_tokenizer(mcfg.tokenizer.path)
+        else:
+            log.info("training a %d-token BPE tokenizer on the %s training text",
+                     mcfg.tokenizer.vocab_size, run.data.name)
+            tokenizer = models.train_tokenizer(task.texts("train"), mcfg.tokenizer.vocab_size)
+        model, tokenizer = models.build_model(mcfg, tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"model.path={mcfg.path}: no tokenizer found beside the model")
+    log.info("model %s: %.2fM parameters", mcfg.name, models.count_parameters(model) / 1e6)
+    return model, tokenizer
+
+
+def _datasets(run: Config, task, tokenizer):
+    kind = run.stage.data_kind
+    if kind not in task.kinds:
+        raise ValueError(f"data={run.data.name} provides {list(task.kinds)} data, but "
+                         f"stage={run.stage.name} needs {kind!r}")
+    branches = run.collator.max_branches
+    train = task.dataset("train", tokenizer, kind, branches)
+    val = task.dataset("validation", tokenizer, kind, branches) if run.trainer.eval_every else None
+    return train, val
+
+
+def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
+    """pretrain / finetune: the one training loop over the stage's data kind."""
+    from .training import Trainer, make_accelerator, resolve_resume
+
+    task = load_task(run.data)
+    resume = resolve_resume(run.trainer.resume, run_dir)
+    accelerator = make_accelerator(run.trainer)
+    if resume is not None:
+        model, tokenizer = models.load_pretrained(resume / "model")
+        state = json.loads((resume / "trainer_state.json").read_text())
+        wandb_id = state.get("wandb_run_id")
+    else:
+        model, tokenizer = model_for_training(run, task)
+        wandb_id = None
+    train_data, val_data = _datasets(run, task, tokenizer)
+    collator = ColumnarCollator(run.collator, pad_id=tokenizer.pad_token_id or 0)
+    items_per_sample = run.collator.branches_per_sample if run.stage.data_kind == "text" else 1
+    name, group = _run_identity(run)
+    with Tracker(run_dir, main_process=accelerator.is_main_process, logger_cfg=run.logger,
+                 config=_resolved(cfg), job_type=run.stage.name, name=name, group=group,
+                 resume_id=wandb_id) as tracker:
+        trainer = Trainer(model=model, tokenizer=tokenizer, train_data=train_data,
+                          val_data=val_data, collator=collator, cfg=run.trainer, run_dir=run_dir,
+                          accelerator=accelerator, tracker=tracker,
+                          items_per_sample=items_per_sample, run_config=_resolved(cfg))
+        if resume is not None:
+            trainer.resume_from(resume)
+        result = trainer.fit()
+    if accelerator.is_main_process:
+        log.info("%s done: %d steps, final loss %.4f; model in %s", run.stage.name, result.step,
+                 result.last_loss, result.model_dir)
+    return {"model_dir": str(result.model_dir), "loss": result.last_loss,
+            "val_loss": result.val_loss}
+
+
+def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
+    """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl."""
+    from .evaluation import evaluate, format_table
+
+    if not (run.model.path or run.model.arch == "hub"):
+        raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
+    task = load_task(run.data)
+    model, tokenizer = models.load_model(run.model)
+    if tokenizer is None:
+        raise ValueError(f"model.path={run.model.path}: no tokenizer found beside the model")
+    if "qa" not in task.kinds:
+        raise ValueError(f"data={run.data.name} has no questions to evaluate (kinds {task.kinds})")
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    dataset = task.dataset(run.eval.split, tokenizer, "qa", run.collator.max_branches)
+    n = len(dataset) if not run.eval.max_samples else min(run.eval.max_samples, len(dataset))
+    samples = [dataset[i] for i in range(n)]
+    name, group = _run_identity(run)
+    with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
+                 name=name, group=group) as tracker:
+        report = evaluate(model, tokenizer, samples, run.eval, run.collator, run_dir,
+                          tracker=tracker, progress=run.trainer.progress)
+    print(format_table(report))
+    log.info("wrote %s and %s", run_dir / "eval.json", run_dir / "predictions.jsonl")
+    return report

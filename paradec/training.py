@@ -1,0 +1,308 @@
+"""The training loop: one explicit loop for columnar pretraining and finetuning, on accelerate.
+
+Invariant: every step sees layouts from the one collator (``conf/collator``), runs the model
+through the one forward path (:func:`paradec.models.forward_layout`, columnar mask + 2D positions)
+and optimises the one loss (:func:`paradec.loss.columnar_loss`, no shift). Gradient accumulation
+is normalised by the target tokens of the whole optimizer step (over micro-batches and processes),
+so the gradient does not depend on how a step is split. A run's state (weights, optimizer,
+schedule, RNGs, data position, collator RNG, wandb id) is checkpointed atomically, and
+``trainer.resume=auto`` continues exactly where the newest complete checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .batches import BatchStream
+from .collator import ColumnarCollator
+from .loss import columnar_loss
+from .models import forward_layout, save_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    """Schema of ``conf/trainer/default.yaml`` (defaults documented there)."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "none"
+    log_every: int = 1
+    mixed_precision: str = "auto"
+    threads: int = 0
+    progress: bool = True
+
+    def validate(self) -> "TrainerConfig":
+        def bad(key, why):
+            raise ValueError(f"trainer.{key}: {why}")
+
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for key in ("warmup_steps", "eval_every", "save_every", "eval_batches", "threads"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            bad("mixed_precision", f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        return self
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to the peak, then cosine decay to ``min_ratio`` of it at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg: TrainerConfig):
+    """AdamW; no weight decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=torch.cuda.is_available() or None)
+
+
+def mixed_precision(choice: str) -> str:
+    """``auto``: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU."""
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def router_aux_loss(model, outputs) -> torch.Tensor | None:
+    """The MoE load-balancing loss, scaled by the model's coefficient (None for dense models)."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return None
+    return getattr(model.config, "router_aux_loss_coef", 0.01) * aux
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    step: int
+    last_loss: float
+    val_loss: Optional[float]
+
+
+class Trainer:
+    """Holds what one training run needs; :meth:`fit` is the loop."""
+
+    def __init__(self, *, model, tokenizer, train_data, val_data, collator: ColumnarCollator,
+                 cfg: TrainerConfig, run_dir: Path, accelerator: Accelerator, tracker,
+                 items_per_sample: int = 1, run_config: dict | None = None):
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator
+        self.tracker = tracker
+        self.tokenizer = tokenizer
+        self.collator = collator
+        self.run_config = run_config or {}
+        self.stream = BatchStream(train_data, cfg.batch_size * items_per_sample, seed=cfg.seed,
+                                  rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes)
+        self.val_data = val_data
+        self.items_per_sample = items_per_sample
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.step = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume_from(self, path: Path) -> None:
+        """Restore everything but the weights (loaded with the model) from checkpoint ``path``."""
+        state = ckpt.load_training_state(path, self.optimizer, self.scheduler)
+        self.stream.load_state_dict(state["data"])
+        self.collator.load_state_dict(_collator_state_from_json(state["collator"]))
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        state = {
+            "data": self.stream.state_dict(),
+            "collator": _collator_state_to_json(self.collator.state_dict()),
+            "wandb_run_id": self.tracker.run_id,
+            "config": self.run_config,
+        }
+        return ckpt.save_checkpoint(
+            self.checkpoint_root, self.step, model=self.accelerator.unwrap_model(self.model),
+            tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+            trainer_state=state, keep_last=self.cfg.keep_checkpoints)
+
+    # -- one step ------------------------------------------------------------------------------
+    def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(value, reduction="sum") if self.accelerator.num_processes > 1 \
+            else value
+
+    def train_step(self) -> dict:
+        acc, device = self.accelerator, self.accelerator.device
+        layouts = [self.collator(next(self.stream)).to(device) for _ in range(self.cfg.grad_accum)]
+        # Normalise by the target tokens of the whole step on all processes: DDP averages
+        # gradients over processes, hence the world-size factor.
+        local_tokens = sum((l.labels != -100).sum() for l in layouts).float()
+        step_tokens = self._reduce_sum(local_tokens.clone()).clamp(min=1)
+        scale = acc.num_processes / step_tokens
+        self.model.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        for i, layout in enumerate(layouts):
+            last = i == len(layouts) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                outputs = forward_layout(self.model, layout)
+                token_loss, _ = columnar_loss(outputs.logits, layout.labels, reduction="sum")
+                loss = token_loss * scale
+                aux = router_aux_loss(acc.unwrap_model(self.model), outputs)
+                if aux is not None:
+                    loss = loss + aux / len(layouts)
+            acc.backward(loss)
+            loss_sum += token_loss.detach()
+            seen += int(layout.valid.sum())
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip) \
+            if self.cfg.grad_clip > 0 else torch.zeros(())
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        mean_loss = self._reduce_sum(loss_sum) / step_tokens
+        return {"train/loss": float(mean_loss), "train/lr": lr,
+                "train/grad_norm": float(grad_norm), "train/target_tokens": int(step_tokens),
+                "_tokens": seen * acc.num_processes}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean target-token loss and perplexity over the first ``eval_batches`` validation batches."""
+        if self.val_data is None or self.cfg.eval_batches == 0:
+            return {}
+        acc = self.accelerator
+        # Its own collator RNG: validation must never change the training stream.
+        collator = ColumnarCollator(self.collator.config, pad_id=self.collator.pad_id)
+        stream = BatchStream(self.val_data, self.cfg.batch_size * self.items_per_sample,
+                             rank=acc.process_index, world_size=acc.num_processes, shuffle=False)
+        self.model.eval()
+        total = torch.zeros((), device=acc.device)
+        tokens = torch.zeros((), device=acc.device)
+        for _ in range(self.cfg.eval_batches):
+            layout = collator(next(stream)).to(acc.device)
+            with acc.autocast():
+                logits = forward_layout(self.model, layout).logits
+            loss_sum, n_tokens = columnar_loss(logits, layout.labels, reduction="sum")
+            total += loss_sum
+            tokens += n_tokens
+            if stream.epoch > 0:  # the whole validation set has been seen
+                break
+        loss = float(self._reduce_sum(total) / self._reduce_sum(tokens).clamp(min=1))
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_main_process))
+        last_loss, val_loss = float("nan"), None
+        while self.step < cfg.max_steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            tokens = metrics.pop("_tokens")
+            metrics["train/tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+            last_loss = metrics["train/loss"]
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                metrics.update(self.validate())
+                val_loss = metrics.get("val/loss", val_loss)
+            if self.step % cfg.log_every == 0 or "val/loss" in metrics:
+                self.tracker.log(metrics, step=self.step)
+            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                            tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        model_dir = self.run_dir / "model"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_model(acc.unwrap_model(self.model), self.tokenizer, model_dir)
+        self.tracker.summary({"train/final_loss": last_loss,
+                              **({"val/final_loss": val_loss} if val_loss is not None else {})})
+        return TrainResult(model_dir=model_dir, step=self.step, last_loss=last_loss,
+                           val_loss=val_loss)
+
+
+def _collator_state_to_json(state: dict) -> dict:
+    version, internal, gauss = state["rng"]
+    return {"rng": [version, list(internal), gauss]}
+
+
+def _collator_state_from_json(state: dict) -> dict:
+    version, internal, gauss = state["rng"]
+    return {"rng": (version, tuple(internal), gauss)}
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``none`` -> None; ``auto`` -> newest complete checkpoint of this run dir (or None); a path."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        found = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints")
+        if found is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+        return found
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
+    return path
+
+
+def make_accelerator(cfg: TrainerConfig) -> Accelerator:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
+                      cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed + acc.process_index)
+    return acc
