@@ -19,7 +19,7 @@ from .collator import CollatorConfig
 from .evaluation import EvalConfig
 from .training import TrainerConfig
 
-STAGES = ("pretrain", "finetune", "eval")
+STAGES = ("pretrain", "finetune", "eval", "generate", "pipeline", "bench")
 DATA_KINDS = ("text", "qa")
 
 
@@ -40,6 +40,30 @@ class StageConfig:
 class TokenizerConfig:
     path: Optional[str] = None
     vocab_size: int = 2048
+
+
+@dataclass
+class LoraSettings:
+    """``model.lora``: train a LoRA adapter instead of every weight (peft)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Every attention and MLP projection (k/v included under GQA); names of Qwen3 / Llama modules.
+    target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge: bool = False  # also save the adapter merged into a full model (model_merged/)
+
+    def validate(self) -> "LoraSettings":
+        if self.enabled and (self.r < 1 or self.alpha <= 0):
+            raise ValueError(f"model.lora.r must be >= 1 and model.lora.alpha > 0, got r={self.r}, "
+                             f"alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ValueError("model.lora.target_modules must name at least one module")
+        return self
 
 
 @dataclass
@@ -72,8 +96,10 @@ class ModelConfig:
     moe_intermediate_size: Optional[int] = None
     router_aux_loss_coef: Optional[float] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> "ModelConfig":
+        self.lora.validate()
         archs = ("qwen3", "llama", "qwen3_moe", "hub")
         if self.arch not in archs:
             raise ValueError(f"model.arch must be one of {list(archs)}, got {self.arch!r}")
@@ -107,6 +133,35 @@ class LoggerConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """``generate``: the demo stage's inputs (one background, several questions)."""
+
+    background: str = ("The color of Rofa is teal. The fruit of Rofa is pear. "
+                       "The metal of Rofa is cobalt.")
+    questions: list = field(default_factory=lambda: [
+        "What is the color of Rofa?", "What is the metal of Rofa?", "What is the fruit of Rofa?"])
+    max_new_tokens: int = 16
+    plot: bool = True  # also save a picture of the layout and its mask (layout.png)
+
+    def validate(self) -> "GenerateConfig":
+        if not self.questions:
+            raise ValueError("generate.questions must list at least one question")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass
+class PipelineConfig:
+    """``pipeline``: pretrain -> finetune -> eval; per-stage overrides of the shared config."""
+
+    pretrain: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    skip_pretrain: bool = False  # start from model.path (e.g. a Hub model) and only finetune + eval
+
+
+@dataclass
 class Config:
     """The whole composed config (``python run.py --cfg job`` prints it)."""
 
@@ -117,6 +172,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def register_configs() -> None:
@@ -132,7 +189,8 @@ def register_configs() -> None:
 def to_run_config(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed objects and validate every section's values."""
     run: Config = OmegaConf.to_object(cfg)
-    for section in (run.stage, run.model, run.collator, run.trainer, run.logger, run.eval):
+    for section in (run.stage, run.model, run.collator, run.trainer, run.logger, run.eval,
+                    run.generate):
         section.validate()
     if hasattr(run.data, "validate"):
         run.data.validate()

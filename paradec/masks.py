@@ -102,10 +102,10 @@ def flex_block_mask(column, valid, branch=None, isolate_branches=False, q_column
 
 
 def attention_implementation(model) -> str:
-    """The attention implementation a (possibly peft-wrapped) model runs with."""
-    config = model.config
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    return impl
+    """The attention implementation a model runs with (through DDP / FSDP / peft wrappers)."""
+    from .rope import unwrap_model
+
+    return getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
 
 
 def mask_for_model(model, column, valid, branch=None, isolate_branches=False, *, q_column=None,

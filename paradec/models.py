@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .loss import load_balancing_loss
-from .rope import _unwrap, columnar_settings, is_patched, maybe_patch_from_config, patch_model
+from .rope import unwrap_model, columnar_settings, is_patched, maybe_patch_from_config, patch_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB = "hub"
@@ -87,7 +87,7 @@ def _attention(cfg: Any) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in _unwrap(model).parameters())
+    return sum(p.numel() for p in unwrap_model(model).parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,13 +287,13 @@ def _check_ready(model: nn.Module, layout) -> None:
 
 
 def _is_moe(model: nn.Module) -> bool:
-    return hasattr(_unwrap(model).config, "output_router_logits")
+    return hasattr(unwrap_model(model).config, "output_router_logits")
 
 
 @contextlib.contextmanager
 def _record_router_logits(model: nn.Module):
     """Collect every MoE router's logits during a forward (forward hooks, removed after)."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     recorder = getattr(base, "_can_record_outputs", {}).get("router_logits")
     target = getattr(recorder, "target_class", None)
     index = getattr(recorder, "index", 0)
@@ -335,7 +335,7 @@ def forward_layout(model: nn.Module, layout, *, isolate_branches: bool | None = 
     with _record_router_logits(model) as router_logits:
         outputs = model(**kwargs, output_router_logits=False)
     if model.training and router_logits:
-        config = _unwrap(model).config
+        config = unwrap_model(model).config
         outputs["aux_loss"] = load_balancing_loss(
             router_logits, config.num_experts, config.num_experts_per_tok, layout.valid)
     return outputs

@@ -98,15 +98,22 @@ def check_pair_indices(pair_indices: Sequence[int], num_pairs: int) -> None:
         raise ValueError(f"model.pair_indices: {list(pair_indices)} lists a pair twice")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (or the model itself)."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / FSDP (``.module``), torch.compile and peft wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile
+        if inner is None and isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module  # DistributedDataParallel, FSDP (v1), accelerate wrappers
+        if inner is None:
+            break
+        model = inner
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def _find_rotary(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
     """``(parent, attribute name, rotary module)`` of the model's one rotary module."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     for path in ROTARY_PATHS:
         parent_path, _, name = path.rpartition(".")
         parent = base
@@ -152,7 +159,7 @@ def patch_model(model: nn.Module, pair_indices: Sequence[int], branch_stride: in
         _check_rope_type(rotary)
         setattr(parent, name, ColumnarRotaryEmbedding(rotary, pair_indices))
     # A plain dict attribute of the config: save_pretrained writes it into config.json.
-    _unwrap(model).config.columnar = {"pair_indices": pair_indices,
+    unwrap_model(model).config.columnar = {"pair_indices": pair_indices,
                                       "branch_stride": int(branch_stride)}
     return model
 
@@ -164,7 +171,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def columnar_settings(model: nn.Module) -> dict | None:
     """``{"pair_indices": [...], "branch_stride": int}`` stored in the config, or None."""
-    settings = getattr(_unwrap(model).config, CONFIG_KEY, None)
+    settings = getattr(unwrap_model(model).config, CONFIG_KEY, None)
     return dict(settings) if settings else None
 
 

@@ -32,8 +32,7 @@ def run(cfg: DictConfig):
     try:
         run_cfg = to_run_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        stage = {"pretrain": train_stage, "finetune": train_stage, "eval": eval_stage}
-        return stage[run_cfg.stage.name](run_cfg, run_dir, cfg)
+        return STAGE_RUNNERS[run_cfg.stage.name](run_cfg, run_dir, cfg)
     except (DataError, ValueError, FileNotFoundError) as err:
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {err}", file=sys.stderr)
@@ -147,3 +146,18 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     print(format_table(report))
     log.info("wrote %s and %s", run_dir / "eval.json", run_dir / "predictions.jsonl")
     return report
+
+
+def bench_stage(run: Config, run_dir: Path, cfg: DictConfig):
+    """Speed and memory of parallel decoding, measured side by side (paradec/benchmark.py)."""
+    from .benchmark import run_benchmarks
+
+    return run_benchmarks(run, run_dir, cfg)
+
+
+STAGE_RUNNERS = {
+    "pretrain": train_stage,
+    "finetune": train_stage,
+    "eval": eval_stage,
+    "bench": bench_stage,
+}

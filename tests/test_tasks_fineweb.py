@@ -31,7 +31,8 @@ def write_docs(path: Path, docs=DOCS, field="text") -> Path:
         pq.write_table(pa.table({field: docs, "id": list(range(len(docs)))}), path)
         return path
     if name.endswith(".jsonl"):
-        return write(path, "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+        lines = (json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs))
+        return write(path, "".join(lines))
     if name.endswith(".json"):
         return write(path, json.dumps([{field: d} for d in docs]))
     return write(path, "\n".join(docs) + "\n")
@@ -141,7 +142,7 @@ def test_max_docs(tmp_path):
     assert list(task.texts()) == DOCS[:3]
 
 
-# --- the real files (only with PARADEC_DATA_DIR) ---------------------------------------------------
+# --- the real files (only with PARADEC_DATA_DIR) --------------------------------------------------
 
 DATA_DIR = os.environ.get("PARADEC_DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA_DIR, reason="PARADEC_DATA_DIR is not set")

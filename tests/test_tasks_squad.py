@@ -1,4 +1,4 @@
-"""data=squad: grouping questions by context, templates, truncation, formats, splits, real counts."""
+"""data=squad: questions grouped by context, templates, truncation, formats, splits, real counts."""
 
 import gzip
 import json
@@ -151,7 +151,7 @@ def test_hub_row_formats_match_official(tmp_path, tokenizer, fmt):
            [(s.background, s.branches, s.meta) for s in ref]
 
 
-# --- context budget ----------------------------------------------------------------------------------
+# --- context budget -------------------------------------------------------------------------------
 
 def long_doc():
     """One context of ~60 sentences; three answers near the start, middle and end."""
@@ -196,7 +196,7 @@ def test_evaluation_never_truncates_silently(tmp_path, tokenizer, caplog):
             "validation", tokenizer, "qa", 4)
 
 
-# --- splits ----------------------------------------------------------------------------------------
+# --- splits ---------------------------------------------------------------------------------------
 
 def test_held_out_validation_slice_by_article(tmp_path, tokenizer):
     doc = {"data": [{"title": f"Article {i}",
@@ -228,7 +228,7 @@ def test_hub_unreachable_is_a_one_line_data_error(tokenizer):
     assert "no-such-owner/no-such-squad" in str(err.value) and "\n" not in str(err.value)
 
 
-# --- the real files (only with PARADEC_DATA_DIR) ---------------------------------------------------
+# --- the real files (only with PARADEC_DATA_DIR) --------------------------------------------------
 
 DATA_DIR = os.environ.get("PARADEC_DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA_DIR, reason="PARADEC_DATA_DIR is not set")

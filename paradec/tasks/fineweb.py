@@ -72,7 +72,8 @@ class FinewebDataConfig:
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError(f"data.max_docs must be >= 1 or null, got {self.max_docs}")
         if self.shuffle_buffer < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0 (0 = off), got {self.shuffle_buffer}")
+            raise ValueError(f"data.shuffle_buffer must be >= 0 (0 = off), "
+                             f"got {self.shuffle_buffer}")
         return self
 
 
@@ -210,7 +211,7 @@ class StreamingTextChunks(torch.utils.data.IterableDataset):
             yield Branch(prompt=[], target=row["input_ids"])
 
 
-# --- reading documents ------------------------------------------------------------------------------
+# --- reading documents ----------------------------------------------------------------------------
 
 def _local_documents(sources: list[str], text_field: str) -> Iterator[dict]:
     """Generator for ``datasets``: the documents of local files (``sources`` from ``fingerprint``).
@@ -320,8 +321,8 @@ class FinewebTask:
                                             "desc": f"fineweb {split} slice"}
         docs = self.documents.filter(fn, batched=True, batch_size=1000, **kwargs)
         if not self.streaming and len(docs) == 0:
-            raise DataError(self.source, f"the {split} split is empty ({len(self.documents)} "
-                                         f"documents, data.val_fraction={self.config.val_fraction})")
+            raise DataError(self.source, f"the {split} split is empty ({len(self.documents)} docs, "
+                                         f"data.val_fraction={self.config.val_fraction})")
         return docs
 
     def texts(self, split: str = "train") -> Iterator[str]:
@@ -331,7 +332,8 @@ class FinewebTask:
 
     def dataset(self, split: str, tokenizer, kind: str = "text",
                 branches_per_sample: int | None = None):
-        """Chunks of ``seq_length`` tokens as branches; ``branches_per_sample`` is the collator's."""
+        """Chunks of ``seq_length`` tokens as branches (the collator groups them into samples,
+        so ``branches_per_sample`` is not used here)."""
         check_kind(kind, self.kinds, "fineweb")
         cfg = self.config
         docs = self._split_documents(split)

@@ -91,7 +91,7 @@ def fingerprint(files: Sequence[Path]) -> list[str]:
 
 
 def stable_fraction(text: str) -> float:
-    """A deterministic number in [0, 1) from ``text`` (for held-out slices that survive reordering)."""
+    """A deterministic number in [0, 1) from ``text`` (held-out slices that survive reordering)."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 

@@ -58,8 +58,9 @@ class QATemplate:
             try:
                 value.format(**{k: "x" for k in allowed})
             except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"data.template.{name}: {value!r} may use only "
-                                 f"{{{'}, {'.join(allowed)}}} ({type(err).__name__}: {err})") from err
+                fields_text = ", ".join("{" + k + "}" for k in allowed)
+                raise ValueError(f"data.template.{name}: {value!r} may use only {fields_text} "
+                                 f"({type(err).__name__}: {err})") from err
         if self.background.count("{context}") != 1:
             raise ValueError(f"data.template.background must contain {{context}} exactly once, "
                              f"got {self.background!r}")
@@ -127,7 +128,7 @@ class SquadDataConfig:
         return self
 
 
-# --- reading -----------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------
 
 def _require(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     """``obj[key]`` if it exists and has type ``kind``, else a DataError naming ``where``."""
@@ -235,7 +236,8 @@ def load_squad_hub(hub_id: str, hub_config: str | None, split: str, cache_dir: s
     return rows_to_contexts(((f"row {i}", r) for i, r in enumerate(ds)), f"{hub_id}[{split}]")
 
 
-def check_answers(contexts: list[Context], source: str, training: bool) -> tuple[list[Context], int]:
+def check_answers(contexts: list[Context], source: str,
+                  training: bool) -> tuple[list[Context], int]:
     """Check every ``answer_start`` against its context.
 
     Training: a question whose first answer does not match is dropped (returned count);
@@ -260,7 +262,7 @@ def check_answers(contexts: list[Context], source: str, training: bool) -> tuple
     return contexts, skipped
 
 
-# --- encoding (shared with data=synthetic) ----------------------------------------------------------
+# --- encoding (shared with data=synthetic) --------------------------------------------------------
 
 @dataclass
 class QAStats:
@@ -444,8 +446,8 @@ class SquadTask:
             held_out = True
         elif split == "test":
             if cfg.test_path is None:
-                raise DataError("data.test_path", "data=squad has no test split unless "
-                                                  "data.test_path is set (SQuAD's test set is hidden)")
+                raise DataError("data.test_path", "data=squad has no test split unless data."
+                                                  "test_path is set (SQuAD's test set is hidden)")
             contexts, source = self._read_files(cfg.test_path, "data.test_path")
         else:
             contexts = load_squad_hub(cfg.hub_id, cfg.hub_config, split, cfg.cache_dir)

@@ -19,7 +19,8 @@ Invariants:
     (entity, relation) pair and a relation-only shortcut gets 1/entities.
   * Background ``index`` of ``split`` is a pure function of ``(seed, split, index)`` (generated on
     demand, so splits of any size cost nothing up front), and a background belongs to exactly one
-    split (a hash of its text decides, with redrawing), so train / validation / test never share one.
+    split (a hash of its text decides, with redrawing), so train / validation / test never share
+    one.
   * ``kind="text"`` is the same world as text for columnar pretraining: one background per branch,
     followed (``text_qa``) by its questions and answers in the QA templates, then EOS.
 """
@@ -71,22 +72,23 @@ RELATIONS: dict[str, tuple[str, ...]] = {
               "lassi kvass champagne bourbon tequila"),
     "flower": ("rose tulip lily daisy orchid iris poppy lotus aster peony dahlia jasmine lilac "
                "magnolia marigold daffodil sunflower camellia carnation hibiscus azalea begonia "
-               "gardenia geranium crocus freesia petunia primrose zinnia anemone bluebell hyacinth"),
+               "gardenia geranium crocus freesia petunia primrose zinnia anemone bluebell "
+               "hyacinth"),
     "instrument": ("piano violin guitar flute drum harp cello trumpet banjo oboe tuba organ lute "
                    "sitar clarinet saxophone trombone harmonica accordion ukulele mandolin bagpipe "
                    "xylophone piccolo bassoon cymbal tambourine zither fiddle horn gong viola"),
-    "vehicle": ("car bus truck train bike boat ship plane tram taxi van jeep canoe kayak yacht sled "
-                "scooter tractor wagon cart ferry rocket glider blimp subway trolley raft barge "
-                "limo moped buggy carriage"),
+    "vehicle": ("car bus truck train bike boat ship plane tram taxi van jeep canoe kayak yacht "
+                "sled scooter tractor wagon cart ferry rocket glider blimp subway trolley raft "
+                "barge limo moped buggy carriage"),
     "country": ("France Spain Italy Japan China India Brazil Chile Peru Egypt Kenya Ghana Mexico "
                 "Canada Norway Sweden Finland Poland Greece Turkey Iran Nepal Cuba Vietnam Morocco "
                 "Portugal Austria Belgium Ireland Iceland Denmark Hungary"),
     "bird": ("eagle hawk owl crow robin sparrow swan duck goose parrot pigeon dove finch heron "
              "stork crane falcon raven magpie gull pelican penguin ostrich flamingo peacock wren "
              "lark jay toucan vulture canary puffin"),
-    "tree": ("oak pine maple birch willow cedar elm ash beech spruce fir palm cypress poplar walnut "
-             "chestnut hazel alder aspen larch yew juniper sequoia redwood baobab acacia banyan "
-             "eucalyptus mahogany teak ebony sycamore"),
+    "tree": ("oak pine maple birch willow cedar elm ash beech spruce fir palm cypress poplar "
+             "walnut chestnut hazel alder aspen larch yew juniper sequoia redwood baobab acacia "
+             "banyan eucalyptus mahogany teak ebony sycamore"),
     "fabric": ("cotton wool silk linen denim velvet satin leather nylon polyester lace tweed "
                "flannel suede fleece felt canvas corduroy chiffon jersey rayon cashmere muslin "
                "hemp jute taffeta gingham calico burlap chenille mohair spandex"),
@@ -131,10 +133,11 @@ class SyntheticDataConfig:
         if self.max_facts // self.entities_per_background > len(RELATIONS):
             bad("max_facts", f"at most {len(RELATIONS)} relations per entity "
                              f"({len(RELATIONS) * self.entities_per_background} facts)")
-        fewest = self.entities_per_background * max(1, self.min_facts // self.entities_per_background)
+        n_ent = self.entities_per_background
+        fewest = n_ent * max(1, self.min_facts // n_ent)  # the fewest facts a background can have
         if not 1 <= self.questions_per_background <= fewest:
-            bad("questions_per_background", f"must be in [1, {fewest}] (the fewest facts a "
-                                            f"background can have), got {self.questions_per_background}")
+            bad("questions_per_background", f"must be in [1, {fewest}] (at most the number of "
+                                            f"facts), got {self.questions_per_background}")
         if not 1 <= self.min_answer_words <= self.max_answer_words <= 4:
             bad("min_answer_words", "need 1 <= min_answer_words <= max_answer_words <= 4")
         if self.seq_length < 8:
@@ -197,8 +200,8 @@ def synthetic_document(cfg: SyntheticDataConfig, ctx: Context) -> str:
     t = cfg.template
     text = t.background.format(context=ctx.context, title=ctx.title)
     if cfg.text_qa:
-        text += "".join(t.question.format(question=q.question) + t.answer.format(answer=q.answers[0])
-                        for q in ctx.questions)
+        text += "".join(t.question.format(question=q.question)
+                        + t.answer.format(answer=q.answers[0]) for q in ctx.questions)
     return text
 
 

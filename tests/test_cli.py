@@ -1,0 +1,151 @@
+"""The real configs and the real CLI: every config file composes; tiny runs; kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from paradec.config import register_configs, to_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+       "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
+# Small everything: a 300-token BPE on 300 backgrounds, 2 samples per batch.
+TINY = ["model.tokenizer.vocab_size=300", "data.train_size=300", "data.validation_size=20",
+        "data.test_size=20", "trainer.batch_size=2", "trainer.eval_batches=1",
+        "trainer.progress=false", "logger.mode=disabled"]
+
+
+def compose_run(*overrides):
+    GlobalHydra.instance().clear()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+    return cfg
+
+
+def group_options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["stage", "model", "data", "collator", "trainer", "eval", "logger"])
+def test_every_config_file_composes(group):
+    options = group_options(group)
+    assert options, group
+    for option in options:
+        run = to_run_config(compose_run(f"{group}={option}"))
+        assert run.collator.branch_stride == run.model.branch_stride  # the collator follows the preset
+
+
+def test_every_config_file_starts_with_the_command_that_uses_it():
+    for path in CONF.rglob("*.yaml"):
+        lines = path.read_text().splitlines()
+        first = lines[1] if lines[0].startswith("# @package") else lines[0]
+        assert first.startswith("# python run.py") or "python run.py" in first, path
+
+
+def cli(*args, run_dir=None, timeout=300, check=True):
+    cmd = [sys.executable, "run.py", *args]
+    if run_dir is not None:
+        cmd.append(f"hydra.run.dir={run_dir}")
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("collator.branchs_per_sample=4", "branchs_per_sample"),
+    ("collator.align_to=middle", "collator.align_to"),
+    ("trainer.lr=fast", "lr"),
+    ("logger.mode=loud", "logger.mode"),
+    ("model.pair_indices=[99]", "model.pair_indices"),
+    ("eval.modes=[warp]", "eval.modes"),
+])
+def test_bad_keys_and_values_fail_at_start_naming_the_key(override, key, tmp_path):
+    start = time.time()
+    out = cli(*TINY, "trainer.max_steps=1", override, run_dir=tmp_path, check=False)
+    assert out.returncode != 0
+    assert key in out.stderr + out.stdout
+    assert time.time() - start < 20 + 30  # (20 s on an idle machine; CI may be busy)
+    assert not (tmp_path / "model").exists()
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = cli("--cfg", "job", "stage=finetune")
+    assert "name: finetune" in out.stdout and "branches_per_sample" in out.stdout
+
+
+def read_metrics(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "train/loss" in r}  # the last record of a step wins
+
+
+def test_pretrain_finetune_eval_through_the_cli(tmp_path):
+    pre = tmp_path / "pre"
+    cli("stage=pretrain", *TINY, "trainer.max_steps=3", "trainer.eval_every=2", run_dir=pre)
+    assert (pre / "model" / "model.safetensors").is_file()
+    assert (pre / "model" / "tokenizer.json").is_file()
+    metrics = read_metrics(pre)
+    assert sorted(metrics) == [1, 2, 3]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert key in metrics[3]
+    assert "val/loss" in metrics[2] and "val/ppl" in metrics[3]
+    fin = tmp_path / "fin"
+    cli("stage=finetune", f"model.path={pre / 'model'}", *TINY, "trainer.max_steps=2",
+        "trainer.eval_every=0", run_dir=fin)
+    assert (fin / "model" / "model.safetensors").is_file()
+    ev = tmp_path / "ev"
+    out = cli("stage=eval", f"model.path={fin / 'model'}", *TINY, "eval.max_samples=3",
+              "eval.max_new_tokens=4", run_dir=ev)
+    report = json.loads((ev / "eval.json").read_text())
+    assert list(report) == ["baseline", "sequential", "parallel"]
+    assert "| em |" in out.stdout
+    assert (ev / "predictions.jsonl").is_file()
+
+
+def test_offline_logger_writes_one_wandb_run_per_job(tmp_path):
+    cli("-m", "stage=pretrain", *[o for o in TINY if not o.startswith("logger")],
+        "logger.mode=offline", "trainer.max_steps=1", "trainer.eval_every=0",
+        "collator.branches_per_sample=1,2", f"hydra.sweep.dir={tmp_path}")
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert len(jobs) == 2
+    ids = []
+    for job in jobs:
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        ids.append(runs[0].name.rsplit("-", 1)[-1])
+    assert len(set(ids)) == 2
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL mid-run, restart with trainer.resume=auto: the same losses as a run left alone."""
+    args = ["stage=pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=3",
+            "trainer.eval_every=5", "trainer.warmup_steps=2", "trainer.threads=1"]
+    alone = tmp_path / "alone"
+    cli(*args, run_dir=alone)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_0000003").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = read_metrics(killed)
+    assert max(done) < 10, "the run finished before it was killed"
+    cli(*args, "trainer.resume=auto", run_dir=killed)
+    want, got = read_metrics(alone), read_metrics(killed)
+    assert sorted(got) == list(range(1, 11))
+    for step in range(4, 11):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], abs=1e-5), step
+    assert got[10]["val/loss"] == pytest.approx(want[10]["val/loss"], abs=1e-5)
