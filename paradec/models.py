@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .loss import load_balancing_loss
-from .rope import unwrap_model, columnar_settings, is_patched, maybe_patch_from_config, patch_model
+from .rope import (CONFIG_KEY, columnar_settings, is_patched, maybe_patch_from_config, patch_model,
+                   unwrap_model)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB = "hub"
@@ -220,14 +221,58 @@ def build_model(model_cfg: Any, tokenizer=None):
     return apply_columnar(model, model_cfg), tokenizer
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a directory holding a peft adapter (saved by a LoRA run) rather than a model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model an adapter directory points to (``base_model_name_or_path``)."""
+    import json
+
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"model.path={path}: the adapter does not name its base model")
+    return base
+
+
+def saved_columnar_settings(path: str | os.PathLike) -> dict | None:
+    """The 2D RoPE settings recorded with a saved model (or an adapter's base), or None."""
+    import json
+
+    if is_adapter_dir(path):
+        return saved_columnar_settings(adapter_base(path))
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None  # a Hub id or a model saved without paradec
+    return json.loads(config.read_text()).get(CONFIG_KEY) or None
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, trainable: bool = False):
     """Load a saved model (or a Hub id) and its tokenizer; re-apply a saved 2D RoPE patch.
 
-    Returns ``(model, tokenizer)``; the tokenizer is None when ``path`` has none.
+    A LoRA adapter directory loads its base (the path it records) and the adapter on top;
+    ``trainable`` keeps the adapter trainable (resuming a LoRA run). Returns
+    ``(model, tokenizer)``; the tokenizer is None when neither directory has one.
     """
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        base, tokenizer = load_pretrained(
+            adapter_base(path), dtype=dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+        try:
+            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            pass
+        return model, tokenizer
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -240,6 +285,28 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation:
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def add_lora(model: nn.Module, lora_cfg: Any, base_path: str | os.PathLike) -> nn.Module:
+    """Wrap ``model`` with a LoRA adapter (peft); only the adapter's parameters train.
+
+    ``base_path`` is recorded in the adapter config, so loading the adapter finds its base.
+    The 2D RoPE patch lives in the base model and keeps working under the wrapper.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=int(_get(lora_cfg, "r", 16)), lora_alpha=int(_get(lora_cfg, "alpha", 32)),
+                        lora_dropout=float(_get(lora_cfg, "dropout", 0.0)),
+                        target_modules=list(_get(lora_cfg, "target_modules")),
+                        task_type="CAUSAL_LM")
+    wrapped = get_peft_model(model, config)
+    wrapped.peft_config["default"].base_model_name_or_path = str(base_path)
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The adapter folded into the base weights: a plain (patched) transformers model."""
+    return model.merge_and_unload()
 
 
 def load_model(model_cfg: Any):

@@ -54,9 +54,61 @@ def _resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def model_for_training(run: Config, task):
+def _explicit_overrides() -> dict[str, str]:
+    """``key -> value`` of the command-line overrides (to tell a user's choice from a default)."""
+    out = {}
+    for item in HydraConfig.get().overrides.task:
+        key, _, value = item.lstrip("+~").partition("=")
+        out[key] = value
+    return out
+
+
+def adopt_saved_columnar(run: Config) -> None:
+    """The 2D RoPE settings saved with ``model.path`` win over the preset's defaults.
+
+    Pretraining and finetuning must use the same pairs and stride (a known prototype defect);
+    overriding them on the command line to something else is an error naming the key.
+    """
+    if not run.model.path:
+        return
+    saved = models.saved_columnar_settings(run.model.path)
+    if saved is None:
+        return
+    explicit = _explicit_overrides()
+    pairs, stride = [int(k) for k in saved["pair_indices"]], int(saved["branch_stride"])
+    checks = (("model.pair_indices", run.model.pair_indices, pairs),
+              ("model.branch_stride", run.model.branch_stride, stride),
+              ("collator.branch_stride", run.collator.branch_stride, stride))
+    for key, value, saved_value in checks:
+        if key in explicit and value != saved_value:
+            raise ValueError(
+                f"{key}={value} conflicts with the model at model.path={run.model.path}, which was "
+                f"trained with {saved_value}; drop the override (the saved setting is used)")
+    run.model.pair_indices, run.model.branch_stride = pairs, stride
+    run.collator.branch_stride = stride
+
+
+def model_for_training(run: Config, task, run_dir: Path | None = None):
     """The stage's model and tokenizer: a checkpoint or Hub model, or a from-scratch preset
-    with a byte-level BPE tokenizer trained on the task's training text."""
+    with a byte-level BPE tokenizer trained on the task's training text; with
+    ``model.lora.enabled``, wrapped in a LoRA adapter that points to its saved base."""
+    mcfg = run.model
+    model, tokenizer = _base_model(run, task)
+    if mcfg.lora.enabled:
+        if mcfg.path and models.is_adapter_dir(mcfg.path):
+            raise ValueError(f"model.path={mcfg.path} is a LoRA adapter: merge it first "
+                             "(model.lora.merge=true) to train a new adapter on top")
+        base = Path(mcfg.path).resolve() if mcfg.path else mcfg.hub_id
+        if base is None:  # a from-scratch base: save it so the adapter can point to it
+            base = models.save_model(model, tokenizer, Path(run_dir) / "base_model").resolve()
+        model = models.add_lora(model, mcfg.lora, base)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA r=%d on %s: %d trainable parameters", mcfg.lora.r,
+                 list(mcfg.lora.target_modules), trainable)
+    return model, tokenizer
+
+
+def _base_model(run: Config, task):
     mcfg = run.model
     if mcfg.path or mcfg.arch == "hub":
         model, tokenizer = models.load_model(mcfg)
@@ -89,15 +141,16 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """pretrain / finetune: the one training loop over the stage's data kind."""
     from .training import Trainer, make_accelerator, resolve_resume
 
+    adopt_saved_columnar(run)
     task = load_task(run.data)
     resume = resolve_resume(run.trainer.resume, run_dir)
     accelerator = make_accelerator(run.trainer)
     if resume is not None:
-        model, tokenizer = models.load_pretrained(resume / "model")
+        model, tokenizer = models.load_pretrained(resume / "model", trainable=True)
         state = json.loads((resume / "trainer_state.json").read_text())
         wandb_id = state.get("wandb_run_id")
     else:
-        model, tokenizer = model_for_training(run, task)
+        model, tokenizer = model_for_training(run, task, run_dir)
         wandb_id = None
     train_data, val_data = _datasets(run, task, tokenizer)
     collator = ColumnarCollator(run.collator, pad_id=tokenizer.pad_token_id or 0)
@@ -114,6 +167,10 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
             trainer.resume_from(resume)
         result = trainer.fit()
     if accelerator.is_main_process:
+        if run.model.lora.enabled and run.model.lora.merge:
+            merged = models.merge_lora(accelerator.unwrap_model(trainer.model))
+            models.save_model(merged, tokenizer, run_dir / "model_merged")
+            log.info("merged adapter saved in %s", run_dir / "model_merged")
         log.info("%s done: %d steps, final loss %.4f; model in %s", run.stage.name, result.step,
                  result.last_loss, result.model_dir)
     return {"model_dir": str(result.model_dir), "loss": result.last_loss,
@@ -126,6 +183,7 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
     if not (run.model.path or run.model.arch == "hub"):
         raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
+    adopt_saved_columnar(run)
     task = load_task(run.data)
     model, tokenizer = models.load_model(run.model)
     if tokenizer is None:
@@ -155,9 +213,58 @@ def bench_stage(run: Config, run_dir: Path, cfg: DictConfig):
     return run_benchmarks(run, run_dir, cfg)
 
 
+def generate_stage(run: Config, run_dir: Path, cfg: DictConfig):
+    """The demo: the layout table, then the answers as they are decoded (paradec/demo.py)."""
+    from .demo import generate_stage as demo
+
+    adopt_saved_columnar(run)
+    return demo(run, run_dir, cfg)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def stage_config(cfg: DictConfig, stage: str, overrides: dict) -> DictConfig:
+    """The pipeline's config as ``stage=<stage>`` would compose it, plus ``overrides``.
+
+    The stage's own file (``conf/stage/<stage>.yaml``) is merged in, so a stage run inside the
+    pipeline has exactly the defaults it has on its own; then the pipeline's per-stage
+    overrides (``pipeline.<stage>``) are applied.
+    """
+    stage_file = OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml")
+    return OmegaConf.merge(cfg, stage_file, OmegaConf.create(overrides))
+
+
+def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
+    """pretrain -> finetune -> eval, each in its own subdirectory; eval.json on top."""
+    import shutil
+
+    name, _ = _run_identity(run)
+    group = {"logger": {"group": run.logger.group or f"pipeline-{run_dir.name}"}}
+    model_path = run.model.path
+    spec = OmegaConf.to_container(cfg.pipeline, resolve=True)
+    if not run.pipeline.skip_pretrain:
+        sub = stage_config(cfg, "pretrain", OmegaConf.merge(group, spec["pretrain"]))
+        model_path = train_stage(to_run_config(sub), run_dir / "pretrain", sub)["model_dir"]
+    elif not model_path:
+        raise ValueError("pipeline.skip_pretrain=true needs model.path (or a Hub model)")
+    sub = stage_config(cfg, "finetune",
+                       OmegaConf.merge(group, {"model": {"path": model_path}}, spec["finetune"]))
+    model_path = train_stage(to_run_config(sub), run_dir / "finetune", sub)["model_dir"]
+    sub = stage_config(cfg, "eval",
+                       OmegaConf.merge(group, {"model": {"path": model_path}}, spec["eval"]))
+    report = eval_stage(to_run_config(sub), run_dir / "eval", sub)
+    for artefact in ("eval.json", "predictions.jsonl"):
+        shutil.copy(run_dir / "eval" / artefact, run_dir / artefact)
+    log.info("pipeline done: %s", {m: round(r["em"], 3) for m, r in report.items()})
+    return report
+
+
 STAGE_RUNNERS = {
     "pretrain": train_stage,
     "finetune": train_stage,
     "eval": eval_stage,
+    "generate": generate_stage,
+    "pipeline": pipeline_stage,
     "bench": bench_stage,
 }
