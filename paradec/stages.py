@@ -50,6 +50,13 @@ def _run_identity(run: Config) -> tuple[str | None, str | None]:
     return name, group
 
 
+def _is_main_process() -> bool:
+    """False on every process but the first under ``accelerate launch`` / ``torchrun``."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -100,7 +107,9 @@ def model_for_training(run: Config, task, run_dir: Path | None = None):
                              "(model.lora.merge=true) to train a new adapter on top")
         base = Path(mcfg.path).resolve() if mcfg.path else mcfg.hub_id
         if base is None:  # a from-scratch base: save it so the adapter can point to it
-            base = models.save_model(model, tokenizer, Path(run_dir) / "base_model").resolve()
+            base = (Path(run_dir) / "base_model").resolve()
+            if _is_main_process():  # DDP starts every process from the main one's weights
+                models.save_model(model, tokenizer, base)
         model = models.add_lora(model, mcfg.lora, base)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA r=%d on %s: %d trainable parameters", mcfg.lora.r,
@@ -139,12 +148,13 @@ def _datasets(run: Config, task, tokenizer):
 
 def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """pretrain / finetune: the one training loop over the stage's data kind."""
-    from .training import Trainer, make_accelerator, resolve_resume
+    from .training import Trainer, make_accelerator, resolve_resume, shared_run_dir
 
     adopt_saved_columnar(run)
     task = load_task(run.data)
-    resume = resolve_resume(run.trainer.resume, run_dir)
     accelerator = make_accelerator(run.trainer)
+    run_dir = shared_run_dir(accelerator, run_dir)  # one run dir for all processes
+    resume = resolve_resume(run.trainer.resume, run_dir)
     if resume is not None:
         model, tokenizer = models.load_pretrained(resume / "model", trainable=True)
         state = json.loads((resume / "trainer_state.json").read_text())
@@ -183,6 +193,9 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
     if not (run.model.path or run.model.arch == "hub"):
         raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
+    if not _is_main_process():  # under accelerate launch / torchrun: one evaluation, one eval.json
+        log.info("evaluation runs on the main process only")
+        return None
     adopt_saved_columnar(run)
     task = load_task(run.data)
     model, tokenizer = models.load_model(run.model)
@@ -254,6 +267,8 @@ def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
     sub = stage_config(cfg, "eval",
                        OmegaConf.merge(group, {"model": {"path": model_path}}, spec["eval"]))
     report = eval_stage(to_run_config(sub), run_dir / "eval", sub)
+    if report is None:  # not the main process
+        return None
     for artefact in ("eval.json", "predictions.jsonl"):
         shutil.copy(run_dir / "eval" / artefact, run_dir / artefact)
     log.info("pipeline done: %s", {m: round(r["em"], 3) for m, r in report.items()})

@@ -12,8 +12,11 @@ schedule, RNGs, data position, collator RNG, wandb id) is checkpointed atomicall
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +149,7 @@ class Trainer:
             lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.step = 0
+        self._first_batch: str | None = None  # fingerprint of this process's first batch
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -183,6 +187,10 @@ class Trainer:
     def train_step(self) -> dict:
         acc, device = self.accelerator, self.accelerator.device
         layouts = [self.collator(next(self.stream)).to(device) for _ in range(self.cfg.grad_accum)]
+        if self._first_batch is None:
+            self._first_batch = tensor_fingerprint(layouts[0].input_ids)
+            log.debug("process %d/%d: first batch %s", acc.process_index, acc.num_processes,
+                      self._first_batch)
         # Normalise by the target tokens of the whole step on all processes: DDP averages
         # gradients over processes, hence the world-size factor.
         local_tokens = sum((l.labels != -100).sum() for l in layouts).float()
@@ -270,8 +278,58 @@ class Trainer:
             save_model(acc.unwrap_model(self.model), self.tokenizer, model_dir)
         self.tracker.summary({"train/final_loss": last_loss,
                               **({"val/final_loss": val_loss} if val_loss is not None else {})})
+        if os.environ.get("PARADEC_RANK_REPORT"):
+            self.write_rank_report()
         return TrainResult(model_dir=model_dir, step=self.step, last_loss=last_loss,
                            val_loss=val_loss)
+
+
+    def write_rank_report(self) -> list[dict]:
+        """What each process holds at the end, gathered into ``<run_dir>/ranks.json`` (main only).
+
+        Per process: its rank, a fingerprint of its first batch (ranks must differ), a SHA-256 of
+        its parameters and of its tokenizer's vocabulary (ranks must agree under DDP). Enabled by
+        the environment variable ``PARADEC_RANK_REPORT=1`` (hashing every weight costs time on
+        big models). Not meaningful under FSDP, where each process holds a different shard.
+        """
+        acc = self.accelerator
+        mine = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.step,
+                "first_batch": self._first_batch,
+                "params": parameter_checksum(acc.unwrap_model(self.model)),
+                "tokenizer": vocab_checksum(self.tokenizer)}
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = sorted(gather_object([mine]), key=lambda r: r["rank"])
+        else:
+            ranks = [mine]
+        if acc.is_main_process:
+            (self.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+            if len({r["params"] for r in ranks}) > 1:
+                log.error("parameters differ across processes at step %d: %s", self.step,
+                          [r["params"][:12] for r in ranks])
+        return ranks
+
+
+def tensor_fingerprint(tensor: torch.Tensor) -> str:
+    """A short SHA-256 of a tensor's values (e.g. a batch's input_ids)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def parameter_checksum(model) -> str:
+    """SHA-256 over every parameter's name and bytes, in ``named_parameters`` order."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vocab_checksum(tokenizer) -> str | None:
+    if tokenizer is None:
+        return None
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()
 
 
 def _collator_state_to_json(state: dict) -> dict:
@@ -297,6 +355,26 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
     return path
+
+
+def shared_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
+    """The main process's run dir, on every process.
+
+    Under ``accelerate launch`` / ``torchrun`` each process composes its own Hydra config, so a
+    ``${now:...}`` run dir can differ by a second between processes; checkpoints, resume and
+    ``model/`` must all use the main process's one.
+    """
+    run_dir = Path(run_dir)
+    if accelerator.num_processes == 1:
+        return run_dir
+    from accelerate.utils import broadcast_object_list
+
+    shared = broadcast_object_list([str(run_dir)], from_process=0)[0]
+    if shared != str(run_dir):
+        log.warning("process %d: using the main process's run dir %s instead of %s (pass "
+                    "hydra.run.dir=... to give every process the same one)",
+                    accelerator.process_index, shared, run_dir)
+    return Path(shared)
 
 
 def make_accelerator(cfg: TrainerConfig) -> Accelerator:

@@ -89,9 +89,17 @@ def read_metrics(run_dir):
     return {r["step"]: r for r in rows if "train/loss" in r}  # the last record of a step wins
 
 
-def test_pretrain_finetune_eval_through_the_cli(tmp_path):
-    pre = tmp_path / "pre"
-    cli("stage=pretrain", *TINY, "trainer.max_steps=3", "trainer.eval_every=2", run_dir=pre)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run shared by the tests that start from a pretrained model."""
+    pre = tmp_path_factory.mktemp("pre")
+    cli("stage=pretrain", *TINY, "trainer.max_steps=3", "trainer.eval_every=2",
+        "model.pair_indices=[5,6]", run_dir=pre)
+    return pre
+
+
+def test_pretrain_finetune_eval_through_the_cli(pretrained, tmp_path):
+    pre = pretrained
     assert (pre / "model" / "model.safetensors").is_file()
     assert (pre / "model" / "tokenizer.json").is_file()
     metrics = read_metrics(pre)
@@ -103,6 +111,9 @@ def test_pretrain_finetune_eval_through_the_cli(tmp_path):
     cli("stage=finetune", f"model.path={pre / 'model'}", *TINY, "trainer.max_steps=2",
         "trainer.eval_every=0", run_dir=fin)
     assert (fin / "model" / "model.safetensors").is_file()
+    # the pairs saved with the pretrained model win over the preset's default [8, 9, 10, 11]
+    saved = json.loads((fin / "model" / "config.json").read_text())["columnar"]
+    assert saved == {"pair_indices": [5, 6], "branch_stride": 128}
     ev = tmp_path / "ev"
     out = cli("stage=eval", f"model.path={fin / 'model'}", *TINY, "eval.max_samples=3",
               "eval.max_new_tokens=4", run_dir=ev)
@@ -149,3 +160,40 @@ def test_killed_run_resumes_exactly(tmp_path):
     for step in range(4, 11):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], abs=1e-5), step
     assert got[10]["val/loss"] == pytest.approx(want[10]["val/loss"], abs=1e-5)
+
+
+def test_finetune_refuses_a_conflicting_rope_override(pretrained, tmp_path):
+    out = cli("stage=finetune", f"model.path={pretrained / 'model'}", *TINY,
+              "trainer.max_steps=1", "model.pair_indices=[1,2]", run_dir=tmp_path, check=False)
+    assert out.returncode != 0 and "model.pair_indices" in out.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_lora_finetune_saves_an_adapter_that_eval_and_generate_load(pretrained, tmp_path):
+    fin = tmp_path / "lora"
+    cli("stage=finetune", f"model.path={pretrained / 'model'}", *TINY, "trainer.max_steps=2",
+        "trainer.eval_every=0", "model.lora.enabled=true", "model.lora.r=4",
+        "model.lora.merge=true", run_dir=fin)
+    assert (fin / "model" / "adapter_model.safetensors").is_file()
+    assert not (fin / "model" / "model.safetensors").exists()  # only the adapter
+    assert (fin / "model_merged" / "model.safetensors").is_file()
+    ev = tmp_path / "ev"
+    cli("stage=eval", f"model.path={fin / 'model'}", *TINY, "eval.max_samples=2",
+        "eval.max_new_tokens=3", "eval.modes=[parallel,sequential]", run_dir=ev)
+    assert set(json.loads((ev / "eval.json").read_text())) == {"parallel", "sequential"}
+    out = cli("stage=generate", f"model.path={fin / 'model_merged'}", "generate.max_new_tokens=3",
+              "generate.plot=false", run_dir=tmp_path / "gen")
+    assert "bg (0)" in out.stdout and "br 3" in out.stdout and "forward calls" in out.stdout
+
+
+def test_pipeline_runs_every_stage_and_puts_eval_on_top(tmp_path):
+    cli("stage=pipeline", *TINY, "trainer.eval_every=0", "pipeline.pretrain.trainer.max_steps=2",
+        "pipeline.finetune.trainer.max_steps=2", "pipeline.eval.eval.max_samples=2",
+        "eval.max_new_tokens=3", run_dir=tmp_path)
+    for stage in ("pretrain", "finetune"):
+        assert (tmp_path / stage / "model" / "model.safetensors").is_file()
+        assert (tmp_path / stage / "metrics.jsonl").is_file()
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report == json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(report) == {"baseline", "sequential", "parallel"}
+    assert (tmp_path / "predictions.jsonl").is_file()

@@ -419,10 +419,16 @@ class SquadTask:
     def __init__(self, config: SquadDataConfig):
         self.config = config.validate()
         self._contexts: dict[str, tuple[list[Context], str]] = {}
+        self._files: dict[Path, list[Context]] = {}
 
     def _read_files(self, spec: Any, key: str) -> tuple[list[Context], str]:
+        """The contexts of the files named by ``spec``; a file read for one split is reused."""
         files = expand_paths(spec, key)
-        contexts = [c for f in files for c in read_squad_file(f)]
+        contexts = []
+        for f in files:
+            if f not in self._files:
+                self._files[f] = read_squad_file(f)
+            contexts += self._files[f]
         return contexts, str(files[0]) if len(files) == 1 else f"{spec} ({len(files)} files)"
 
     def _read(self, split: str) -> tuple[list[Context], str]:
