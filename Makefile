@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the embedded default: offline, CPU, a few minutes.
 demo: install
-	$(OFFLINE) $(PY) run.py
+	$(OFFLINE) $(PY) run.py stage=pipeline
 
 # The test suite. Fast tests by default; CI runs the slow ones too: make test TEST_ARGS=
 TEST_ARGS ?= -m "not slow"
