@@ -88,3 +88,17 @@ class BatchStream:
         if self._iter is None:
             self._iter = self._iterable_batches() if self.iterable else self._map_batches()
         return next(self._iter)
+
+
+def fixed_batches(dataset, batch_size: int, max_batches: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[list[Any]]:
+    """The first ``max_batches`` batches of ``dataset`` in order (the last may be short):
+    validation always sees the same items, however small the dataset."""
+    items = iter(dataset) if not hasattr(dataset, "__len__") else (
+        dataset[i] for i in range(len(dataset)))
+    mine = itertools.islice(items, rank, None, world_size)
+    for _ in range(max_batches):
+        batch = list(itertools.islice(mine, batch_size))
+        if not batch:
+            return
+        yield batch

@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .batches import BatchStream
+from .batches import BatchStream, fixed_batches
 from .collator import ColumnarCollator
 from .loss import columnar_loss
 from .models import forward_layout, save_model
@@ -232,20 +232,17 @@ class Trainer:
         acc = self.accelerator
         # Its own collator RNG: validation must never change the training stream.
         collator = ColumnarCollator(self.collator.config, pad_id=self.collator.pad_id)
-        stream = BatchStream(self.val_data, self.cfg.batch_size * self.items_per_sample,
-                             rank=acc.process_index, world_size=acc.num_processes, shuffle=False)
         self.model.eval()
         total = torch.zeros((), device=acc.device)
         tokens = torch.zeros((), device=acc.device)
-        for _ in range(self.cfg.eval_batches):
-            layout = collator(next(stream)).to(acc.device)
+        for items in fixed_batches(self.val_data, self.cfg.batch_size * self.items_per_sample,
+                                   self.cfg.eval_batches, acc.process_index, acc.num_processes):
+            layout = collator(items).to(acc.device)
             with acc.autocast():
                 logits = forward_layout(self.model, layout).logits
             loss_sum, n_tokens = columnar_loss(logits, layout.labels, reduction="sum")
             total += loss_sum
             tokens += n_tokens
-            if stream.epoch > 0:  # the whole validation set has been seen
-                break
         loss = float(self._reduce_sum(total) / self._reduce_sum(tokens).clamp(min=1))
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
