@@ -4,15 +4,18 @@
 
 Invariant: every figure that is compared with another is measured in the same run, on the same
 model, the same tokens and the same thread count (pinned with ``torch.set_num_threads`` and
-reported), with warm-up excluded and the median of ``bench.repeats`` repeats; the modes of one K
-take turns inside each repeat, so a change of machine load hits all of them alike. Every
-decoding mode does the same work: greedy, EOS ignored, exactly ``new_tokens`` per answer.
-``parallel`` and ``sequential`` run the one columnar decoder
-(:func:`paradec.decoding.decode_columnar`), ``batched`` (and ``baseline``) the unpatched model
-through ``generate`` (:func:`paradec.decoding.decode_plain`), as in evaluation.
+reported), with warm-up excluded. Inside each of ``bench.repeats`` repeats the jobs of one K (each
+mode, and the bare forwards) take turns on every context, starting with a different job each
+time, and every ratio is the median over these side-by-side (repeat, context) pairs, so a change
+of machine load hits both sides of a ratio. Ratios use ``bench.clock``: with one thread, ``auto``
+means process CPU time, which time taken by other processes on a shared machine cannot inflate;
+wall-clock figures are reported beside them. Every decoding mode does the same work: greedy, EOS
+ignored, exactly ``new_tokens`` per answer. ``parallel`` and ``sequential`` run the one columnar
+decoder (:func:`paradec.decoding.decode_columnar`), ``batched`` (and ``baseline``) the unpatched
+model through ``generate`` (:func:`paradec.decoding.decode_plain`), as in evaluation.
 
 What is measured:
-  decode        per (K, mode): wall time of the workload (``contexts`` contexts of
+  decode        per (K, mode): wall and CPU time of the workload (``contexts`` contexts of
                 ``context_tokens`` tokens, each with K questions of ``question_tokens`` tokens),
                 questions/s, forward calls per context and the peak KV-cache tokens of one call.
   decode_limit  per K: the speedup of parallel over sequential if the decoder cost nothing but
@@ -67,16 +70,18 @@ REFERENCE_K = 8
 class BenchConfig:
     """Schema of the ``bench`` node (documented in ``conf/bench/default.yaml``)."""
 
-    model: Optional[str] = "minimind2_small"  # a preset of conf/model (random weights); null = the composed model
+    # A conf/model preset built with random weights; None = the composed ``model`` group.
+    model: Optional[str] = "minimind2_small"
     threads: int = 1                 # torch.set_num_threads; 0 = torch's default (all cores)
     seed: int = 0                    # model init and random tokens
+    clock: str = "auto"              # ratios on: cpu (process time), wall, auto = cpu with 1 thread
     branches: list = field(default_factory=lambda: [1, 2, 4, 8, 16])
     modes: list = field(default_factory=lambda: ["parallel", "sequential", "batched"])
     contexts: int = 2                # contexts in the decoding workload
     context_tokens: int = 300
     question_tokens: int = 12
     new_tokens: int = 16             # per answer, EOS ignored
-    repeats: int = 3                 # timed repeats (medians reported)
+    repeats: int = 5                 # timed repeats (medians reported)
     warmup: int = 1                  # untimed runs first
     limit: bool = True               # time bare forwards for decode_limit
     train: bool = True
@@ -97,9 +102,12 @@ class BenchConfig:
         def bad(key, why):
             raise ValueError(f"bench.{key}: {why}")
 
+        if self.clock not in CLOCKS:
+            bad("clock", f"must be one of {list(CLOCKS)}, got {self.clock!r}")
         unknown = [m for m in self.modes if m not in BENCH_MODES]
         if unknown or not self.modes:
-            bad("modes", f"unknown mode(s) {unknown or list(self.modes)}; choose from {list(BENCH_MODES)}")
+            bad("modes", f"unknown mode(s) {unknown or list(self.modes)}; "
+                         f"choose from {list(BENCH_MODES)}")
         if len(set(self.modes)) != len(self.modes):
             bad("modes", f"lists a mode twice: {list(self.modes)}")
         if not self.branches or any(int(k) < 1 for k in self.branches):
@@ -178,11 +186,43 @@ class Decoder:
         return total
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+# --------------------------------------------------------------------------------------------
+# Clocks: every duration is measured on both, and ratios use the configured one
+# --------------------------------------------------------------------------------------------
+
+CLOCKS = ("auto", "cpu", "wall")
+WALL, CPU = 0, 1  # indices into a timing pair (wall seconds, process CPU seconds)
+
+
+def resolve_clock(clock: str, threads: int) -> str:
+    """``auto``: process CPU time with one thread (other processes on a shared machine then
+    cannot skew a ratio by taking the core away), wall time with several (CPU time would add
+    up the threads)."""
+    if clock == "auto":
+        return "cpu" if threads == 1 else "wall"
+    return clock
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _now()
+    return wall - start[WALL], cpu - start[CPU]
+
+
+def _timed(fn: Callable[[], object]) -> tuple[tuple[float, float], object]:
+    """``((wall_s, cpu_s), fn())``; garbage from earlier work is collected before the clock."""
     gc.collect()
-    start = time.perf_counter()
+    start = _now()
     out = fn()
-    return time.perf_counter() - start, out
+    return _since(start), out
+
+
+def _median(values) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,9 +233,9 @@ class BareForwards:
     """The model forwards of one columnar decode of ``sample``, with no decoder logic.
 
     Inputs, 2D positions and masks of the prefill and of the ``new_tokens - 1`` steps (every
-    branch active) are built once, outside the timer; :meth:`time` then runs the prefill into a
+    branch active) are built once, outside the timer; :meth:`run` then runs the prefill into a
     fresh KV cache and the steps on top of it (so each step sees a cache of realistic length)
-    and returns ``(prefill_s, steps_s)``.
+    and returns the ``(wall_s, cpu_s)`` of the prefill and of the steps.
     """
 
     def __init__(self, model, sample: BranchSample, new_tokens: int, branch_stride: int,
@@ -206,6 +246,7 @@ class BareForwards:
         self.prefill = dict(input_ids=layout.input_ids, position_ids=layout.pos2d,
                             attention_mask=layout_attention_mask(model, layout),
                             logits_to_keep=layout.last_index.clamp(min=0))
+        self.prefill_tokens = int(layout.input_ids.shape[1])
         K = layout.last_index.shape[1]
         q_branch = torch.arange(1, K + 1)[None]
         q_valid = torch.ones(1, K, dtype=torch.bool)
@@ -226,102 +267,133 @@ class BareForwards:
                 attention_mask=mask))
 
     @torch.no_grad()
-    def time(self) -> tuple[float, float]:
-        gc.collect()
+    def run(self) -> tuple[tuple[float, float], tuple[float, float]]:
         cache = DynamicCache(config=self.model.config)
-        start = time.perf_counter()
+        start = _now()
         self.model(**self.prefill, past_key_values=cache, use_cache=True).logits.argmax(-1)
-        mid = time.perf_counter()
+        prefill = _since(start)
+        start = _now()
         for step in self.steps:
             self.model(**step, past_key_values=cache, use_cache=True).logits.argmax(-1)
-        return mid - start, time.perf_counter() - mid
+        return prefill, _since(start)
 
 
 # --------------------------------------------------------------------------------------------
 # Decoding benchmark
 # --------------------------------------------------------------------------------------------
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def bench_decoding(decoder: Decoder, workload: list[BranchSample], cfg: BenchConfig,
-                   vocab: int) -> tuple[list[dict], dict, dict]:
-    """Rows of ``bench.json["decode"]``, ``decode_limit`` per K, and the bare forward times."""
-    rows, limits, bare_report = [], {}, {}
+                   vocab: int, clock: str) -> tuple[list[dict], dict, dict, dict]:
+    """``decode`` rows, ``decode_limit`` and ``speedup`` per K, and the bare forward times.
+
+    Per K, every repeat runs every job (each mode, and the bare forwards) on each context in
+    turn, starting with a different job each time; ratios are medians over these side-by-side
+    (repeat, context) pairs, so a change of load during the run hits both sides of a ratio.
+    """
+    c = CPU if clock == "cpu" else WALL
+    rows, limits, speed, bare_report = [], {}, {}, {}
     modes = list(cfg.modes)
     T = decoder.decode.max_new_tokens
     for K in [int(k) for k in cfg.branches]:
         work = first_k(workload, K)
         n_questions = len(work) * K
-        jobs: dict[str, Callable[[], object]] = {m: (lambda m=m: decoder.run(m, work)) for m in modes}
-        bare_par = bare_seq = None
+        jobs = {m: [(lambda m=m, s=s: decoder.run(m, [s])) for s in work] for m in modes}
+        bare = {}
         if cfg.limit:
-            bare_par = [BareForwards(decoder.model, s, T, decoder.branch_stride, decoder.align_to,
-                                     decoder.pad_id, vocab) for s in work]
-            bare_seq = [BareForwards(decoder.model, BranchSample(s.background, s.branches[:1]), T,
-                                     decoder.branch_stride, decoder.align_to, decoder.pad_id,
-                                     vocab) for s in work]
-            jobs["bare_parallel"] = lambda: [b.time() for b in bare_par]
-            jobs["bare_sequential"] = lambda: [b.time() for b in bare_seq]
+            bare["parallel"] = [BareForwards(decoder.model, s, T, decoder.branch_stride,
+                                             decoder.align_to, decoder.pad_id, vocab) for s in work]
+            bare["sequential"] = [BareForwards(decoder.model, BranchSample(s.background,
+                                                                           s.branches[:1]),
+                                               T, decoder.branch_stride, decoder.align_to,
+                                               decoder.pad_id, vocab) for s in work]
+            for name, runs in bare.items():
+                jobs[f"bare_{name}"] = [b.run for b in runs]
         names = list(jobs)
-        for _ in range(cfg.warmup):
+        for _ in range(cfg.warmup):  # the first context of each job: shapes, allocator, caches
             for name in names:
-                jobs[name]()
-        times: dict[str, list] = {name: [] for name in names}
-        results: dict[str, DecodeResult] = {}
+                jobs[name][0]()
+        # times[name][r][i] = (wall, cpu) of job `name` on context i in repeat r (bare: steps too)
+        times = {name: [] for name in names}
+        results = {}
+        turn = 0
         for r in range(cfg.repeats):
-            # Take turns, starting with a different job each repeat, so load drifts hit all alike.
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                wall, out = _timed(jobs[name])
-                if name.startswith("bare_"):
-                    prefill = sum(p for p, _ in out)
-                    steps = sum(s for _, s in out)
-                    times[name].append((prefill, steps))
-                else:
-                    times[name].append(wall)
-                    results[name] = out
+            for name in names:
+                times[name].append([None] * len(work))
+            for i in range(len(work)):
+                turn += 1
+                for name in names[turn % len(names):] + names[:turn % len(names)]:
+                    took, out = _timed(jobs[name][i])
+                    if name.startswith("bare_"):
+                        took = out  # (prefill, steps): the bare forwards time themselves
+                    elif r == cfg.repeats - 1:
+                        results.setdefault(name, DecodeResult(tokens=[])).merge(out)
+                    times[name][r][i] = took
+        total = lambda name, r, k: sum(t[k] for t in times[name][r])  # noqa: E731
+        pairs = [(r, i) for r in range(cfg.repeats) for i in range(len(work))]
         for mode in modes:
-            res, wall = results[mode], _median(times[mode])
+            res = results[mode]
+            wall = _median(total(mode, r, WALL) for r in range(cfg.repeats))
+            cpu = _median(total(mode, r, CPU) for r in range(cfg.repeats))
             rows.append({
-                "branches": K, "mode": mode, "wall_s": wall,
-                "questions_per_s": n_questions / wall, "questions": n_questions,
-                "contexts": len(work),
+                "branches": K, "mode": mode, "wall_s": wall, "cpu_s": cpu,
+                "questions_per_s": n_questions / wall, "questions_per_cpu_s": n_questions / cpu,
+                "questions": n_questions, "contexts": len(work),
                 "forward_calls": res.forward_calls / len(work),  # per context
                 "forward_calls_total": res.forward_calls,
                 "new_tokens": res.new_tokens, "peak_kv_tokens": res.peak_kv_tokens,
-                "wall_s_repeats": times[mode],
             })
+
+        def paired(num: str, den: str, k: int) -> Optional[float]:
+            """Median over (repeat, context) of time(num) / time(den): the speedup of den."""
+            if num not in times or den not in times:
+                return None
+            return _median(times[num][r][i][k] / times[den][r][i][k] for r, i in pairs)
+
+        row = {m: next(x for x in rows if x["branches"] == K and x["mode"] == m) for m in modes}
+        entry = {
+            "achieved": paired("sequential", "parallel", c),
+            "vs_batched": paired("batched", "parallel", c),
+            "kv_vs_batched": (row["parallel"]["peak_kv_tokens"] / row["batched"]["peak_kv_tokens"]
+                              if "parallel" in row and "batched" in row else None),
+            "achieved_wall": paired("sequential", "parallel", WALL),
+            "achieved_cpu": paired("sequential", "parallel", CPU),
+            "vs_sequential": {m: paired("sequential", m, c) for m in modes},
+        }
         if cfg.limit:
-            par_p = _median([p for p, _ in times["bare_parallel"]])
-            par_s = _median([s for _, s in times["bare_parallel"]])
-            seq_p = _median([p for p, _ in times["bare_sequential"]])
-            seq_s = _median([s for _, s in times["bare_sequential"]])
-            per_repeat = [K * (sp + ss) / (pp + ps) for (sp, ss), (pp, ps)
-                          in zip(times["bare_sequential"], times["bare_parallel"])]
-            limits[K] = _median(per_repeat)
-            n = len(work)
+            def limit(k: int) -> float:
+                def one(r, i):
+                    (sp, ss) = times["bare_sequential"][r][i]
+                    (pp, ps) = times["bare_parallel"][r][i]
+                    return K * (sp[k] + ss[k]) / (pp[k] + ps[k])
+                return _median(one(r, i) for r, i in pairs)
+
+            limits[K] = limit(c)
+            entry.update(limit_wall=limit(WALL), limit_cpu=limit(CPU))
+            if entry["achieved"] is not None:
+                entry["limit_fraction"] = entry["achieved"] / limits[K]
+            med = lambda name, part: _median(  # noqa: E731  per context, on the ratio clock
+                times[name][r][i][part][c] for r, i in pairs)
             bare_report[K] = {
-                # per context: the prefill and the (T-1) steps of one parallel decode, and of
-                # one sequential question (x K questions for the whole context)
-                "parallel_prefill_s": par_p / n, "parallel_steps_s": par_s / n,
-                "sequential_prefill_s": seq_p / n, "sequential_steps_s": seq_s / n,
-                "parallel_prefill_tokens": int(bare_par[0].prefill["input_ids"].shape[1]),
-                "sequential_prefill_tokens": int(bare_seq[0].prefill["input_ids"].shape[1]),
-                "limit_repeats": per_repeat,
+                "parallel_prefill_s": med("bare_parallel", 0),
+                "parallel_steps_s": med("bare_parallel", 1),
+                "sequential_prefill_s": med("bare_sequential", 0),
+                "sequential_steps_s": med("bare_sequential", 1),
+                "parallel_prefill_tokens": bare["parallel"][0].prefill_tokens,
+                "sequential_prefill_tokens": bare["sequential"][0].prefill_tokens,
             }
-        summary = ", ".join(f"{row['mode']} {row['questions_per_s']:.2f} q/s"
-                            for row in rows if row["branches"] == K)
-        log.info("K=%d: %s%s", K, summary,
-                 f"; limit {limits[K]:.2f}x" if K in limits else "")
-    return rows, limits, bare_report
+        speed[K] = entry
+        log.info("K=%d: %s; parallel/sequential %s, limit %s", K, ", ".join(
+            f"{x['mode']} {n_questions / (x['cpu_s'] if c == CPU else x['wall_s']):.2f} q/s"
+            for x in row.values()), _fmt(entry["achieved"], 2), _fmt(limits.get(K), 2))
+    return rows, limits, speed, bare_report
 
 
 # --------------------------------------------------------------------------------------------
 # Training, masks, collator
 # --------------------------------------------------------------------------------------------
 
-def bench_training(model, cfg: BenchConfig, branch_stride: int, vocab: int) -> dict:
+def bench_training(model, cfg: BenchConfig, branch_stride: int, vocab: int,
+                   clock: str) -> dict:
     """Columnar vs plain causal training step (forward, loss, backward, optimizer) on one batch."""
     rng = random.Random(cfg.seed + 1)
     draw = lambda n: [rng.randrange(2, vocab) for _ in range(n)]  # noqa: E731
@@ -337,9 +409,10 @@ def bench_training(model, cfg: BenchConfig, branch_stride: int, vocab: int) -> d
     was_training = model.training
     model.train()
 
-    def step(kind: str) -> tuple[float, float]:
+    def step(kind: str):
+        """((wall, cpu) of forward + loss + backward, (wall, cpu) of the whole step)."""
         gc.collect()
-        start = time.perf_counter()
+        start = _now()
         if kind == "columnar":
             logits = models.forward_layout(model, layout).logits
             loss, _ = columnar_loss(logits, layout.labels)
@@ -347,28 +420,32 @@ def bench_training(model, cfg: BenchConfig, branch_stride: int, vocab: int) -> d
             logits = model(input_ids=ids).logits
             loss, _ = columnar_loss(logits, causal_labels)
         loss.backward()
-        mid = time.perf_counter()
+        fwd_bwd = _since(start)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return mid - start, time.perf_counter() - start
+        return fwd_bwd, _since(start)
 
     try:
         for _ in range(max(cfg.warmup, 1)):
             step("columnar"), step("causal")
         times = {"columnar": [], "causal": []}
-        for r in range(cfg.train_repeats):
+        for r in range(cfg.train_repeats):  # side by side, alternating which goes first
             for kind in (("columnar", "causal") if r % 2 == 0 else ("causal", "columnar")):
                 times[kind].append(step(kind))
     finally:
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    med = {k: (_median([a for a, _ in v]), _median([b for _, b in v])) for k, v in times.items()}
+    c = CPU if clock == "cpu" else WALL
+    med = lambda kind, part, k=c: _median(t[part][k] for t in times[kind])  # noqa: E731
+    ratio = lambda part, k=c: _median(  # noqa: E731  paired, repeat by repeat
+        a[part][k] / b[part][k] for a, b in zip(times["columnar"], times["causal"]))
     return {
         "tokens": int(ids.numel()), "batch": int(ids.shape[0]), "length": int(ids.shape[1]),
-        "columnar_step_s": med["columnar"][1], "causal_step_s": med["causal"][1],
-        "columnar_fwd_bwd_s": med["columnar"][0], "causal_fwd_bwd_s": med["causal"][0],
-        "train_overhead": med["columnar"][1] / med["causal"][1],
-        "train_overhead_fwd_bwd": med["columnar"][0] / med["causal"][0],
+        "clock": clock,
+        "columnar_step_s": med("columnar", 1), "causal_step_s": med("causal", 1),
+        "columnar_fwd_bwd_s": med("columnar", 0), "causal_fwd_bwd_s": med("causal", 0),
+        "train_overhead": ratio(1), "train_overhead_fwd_bwd": ratio(0),
+        "train_overhead_wall": ratio(1, WALL), "train_overhead_cpu": ratio(1, CPU),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
 
@@ -393,7 +470,7 @@ def bench_masks(cfg: BenchConfig) -> list[dict]:
         sample = BranchSample(list(range(bg)), [Branch([], [0] * (per + (i < extra)))
                                                 for i in range(k)])
         layout = build_layout([sample])
-        build_s, dense = _timed(lambda: columnar_mask(layout.column, layout.valid))
+        (build_s, _), dense = _timed(lambda: columnar_mask(layout.column, layout.valid))
         row = {"length": L, "dense_bool_bytes": dense.numel() * dense.element_size(),
                "dense_float32_bytes": dense.numel() * 4, "dense_build_s": build_s,
                "flex_bytes": None, "flex_build_s": None, "flex_sparsity": None, "flex_error": None}
@@ -401,7 +478,8 @@ def bench_masks(cfg: BenchConfig) -> list[dict]:
         if cfg.flex:
             try:
                 flex_block_mask(layout.column, layout.valid)  # first call imports and warms up
-                flex_s, block = _timed(lambda: flex_block_mask(layout.column, layout.valid))
+                (flex_s, _), block = _timed(lambda: flex_block_mask(layout.column,
+                                                                    layout.valid))
                 row.update(flex_bytes=_block_mask_bytes(block), flex_build_s=flex_s,
                            flex_sparsity=float(block.sparsity()),
                            flex_block_size=list(block.BLOCK_SIZE))
@@ -419,25 +497,12 @@ def _row(rows: list[dict], K: int, mode: str) -> Optional[dict]:
     return next((r for r in rows if r["branches"] == K and r["mode"] == mode), None)
 
 
-def speedups(rows: list[dict]) -> dict:
-    """Per K: parallel over sequential (achieved), parallel over batched, KV parallel / batched."""
-    out = {}
-    for K in sorted({r["branches"] for r in rows}):
-        par, seq, bat = (_row(rows, K, m) for m in ("parallel", "sequential", "batched"))
-        out[K] = {
-            "achieved": par["questions_per_s"] / seq["questions_per_s"] if par and seq else None,
-            "vs_batched": par["questions_per_s"] / bat["questions_per_s"] if par and bat else None,
-            "kv_vs_batched": par["peak_kv_tokens"] / bat["peak_kv_tokens"] if par and bat else None,
-        }
-    return out
-
-
 def check_targets(report: dict, cfg: BenchConfig) -> dict:
     """Each target of the benchmark issue: its value and whether it is met (None = not measured)."""
     rows, speed, limits = report["decode"], report["speedup"], report["decode_limit"]
     targets = {}
-    eff = {K: speed[K]["achieved"] / limits[K] for K in limits
-           if K >= 2 and speed.get(K, {}).get("achieved") is not None}
+    eff = {K: speed[K]["limit_fraction"] for K in limits
+           if K >= 2 and speed[K].get("limit_fraction") is not None}
     worst = min(eff, key=eff.get) if eff else None
     targets["parallel_vs_limit"] = {
         "rule": f"parallel/sequential >= {TARGET_LIMIT_FRACTION} x limit at every K >= 2",
@@ -458,7 +523,7 @@ def check_targets(report: dict, cfg: BenchConfig) -> dict:
     targets["parallel_forward_calls"] = {
         "rule": f"parallel forward calls per context == 1 + {cfg.new_tokens - 1} at every K",
         "value": sorted({r["forward_calls"] for r in par_rows}),
-        "met": bool(par_rows) and all(r["forward_calls"] == expected for r in par_rows) or None}
+        "met": all(r["forward_calls"] == expected for r in par_rows) if par_rows else None}
     overhead = (report.get("training") or {}).get("train_overhead")
     targets["train_overhead"] = {
         "rule": f"columnar training step <= {TARGET_TRAIN_OVERHEAD}x a plain causal step",
@@ -486,40 +551,48 @@ def _mib(n) -> str:
 def format_markdown(report: dict) -> str:
     """The whole report as markdown (bench.md)."""
     env, w = report["environment"], report["workload"]
+    clock = env["ratio_clock"]
+    clock_note = ("process CPU time (one thread: time the core was taken by other processes "
+                  "does not count)" if clock == "cpu" else "wall time")
     lines = [
         f"# paradec bench: {env['model']} ({env['parameters'] / 1e6:.1f}M parameters, "
-        f"{env['attn_implementation']}), {env['threads']} thread(s)",
+        f"{env['attn_implementation']}, {env['dtype']}), {env['threads']} thread(s)",
         "",
         f"Workload: {w['contexts']} context(s) of {w['context_tokens']} tokens, K questions of "
         f"{w['question_tokens']} tokens each, {w['new_tokens']} new tokens per answer (EOS "
-        f"ignored), greedy. Medians of {w['repeats']} repeat(s) after {w['warmup']} warm-up. "
+        f"ignored), greedy. {w['repeats']} repeat(s) after {w['warmup']} warm-up; in each repeat "
+        "the modes and bare forwards take turns on every context. Ratios are medians of these "
+        f"side-by-side pairs, on {clock_note}; both clocks are in bench.json. "
         f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s), "
-        f"load average {env['load_before'][0]:.2f} before / {env['load_after'][0]:.2f} after.",
+        f"load average {env['load_before'][0]:.2f} before / {env['load_after'][0]:.2f} after, "
+        f"{env['bench_s']:.0f} s in all.",
         "",
         "## Decoding",
         "",
-        "| K | mode | wall s | questions/s | x sequential | forward calls / context | "
-        "peak KV tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| K | mode | wall s | CPU s | questions/s (wall) | questions/CPU-s | x sequential | "
+        "forward calls / context | peak KV tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = report["decode"]
-    for r in rows:
-        seq = _row(rows, r["branches"], "sequential")
-        rel = r["questions_per_s"] / seq["questions_per_s"] if seq else None
-        lines.append(f"| {r['branches']} | {r['mode']} | {_fmt(r['wall_s'])} | "
-                     f"{_fmt(r['questions_per_s'], 2)} | {_fmt(rel, 2)} | "
-                     f"{_fmt(r['forward_calls'], 0)} | {r['peak_kv_tokens']} |")
+    for r in report["decode"]:
+        rel = report["speedup"][r["branches"]]["vs_sequential"].get(r["mode"])
+        lines.append(f"| {r['branches']} | {r['mode']} | {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} "
+                     f"| {_fmt(r['questions_per_s'], 2)} | {_fmt(r['questions_per_cpu_s'], 2)} | "
+                     f"{_fmt(rel, 2)} | {_fmt(r['forward_calls'], 0)} | {r['peak_kv_tokens']} |")
     lines += ["", "## Parallel vs its limit (bare forwards of the same shapes, same run)", "",
-              "| K | limit | achieved | achieved / limit | parallel / batched q/s | "
-              "KV parallel / batched |", "|---|---|---|---|---|---|"]
+              f"Limit = K x (prefill(N+q) + {w['new_tokens'] - 1} steps of 1) / (prefill(N+Kq) + "
+              f"{w['new_tokens'] - 1} steps of K), from bare model forwards; achieved = parallel "
+              "over sequential questions/s.", "",
+              f"| K | limit | achieved | achieved / limit | limit (wall) | achieved (wall) | "
+              "parallel / batched q/s | KV parallel / batched |",
+              "|---|---|---|---|---|---|---|---|"]
     for K, s in report["speedup"].items():
-        lim = report["decode_limit"].get(K)
-        eff = s["achieved"] / lim if lim and s["achieved"] is not None else None
-        lines.append(f"| {K} | {_fmt(lim, 2)} | {_fmt(s['achieved'], 2)} | {_fmt(eff, 2)} | "
-                     f"{_fmt(s['vs_batched'], 2)} | {_fmt(s['kv_vs_batched'], 3)} |")
+        lines.append(f"| {K} | {_fmt(report['decode_limit'].get(K), 2)} | {_fmt(s['achieved'], 2)}"
+                     f" | {_fmt(s.get('limit_fraction'), 2)} | {_fmt(s.get('limit_wall'), 2)} | "
+                     f"{_fmt(s['achieved_wall'], 2)} | {_fmt(s['vs_batched'], 2)} | "
+                     f"{_fmt(s['kv_vs_batched'], 3)} |")
     if report.get("bare_forwards"):
-        lines += ["", "Bare forwards per context (s): prefill and the steps of one parallel "
-                  "decode, and of one sequential question:", "",
+        lines += ["", f"Bare forwards per context ({clock} s): the prefill and the steps of one "
+                  "parallel decode, and of one sequential question:", "",
                   "| K | parallel prefill (tokens) | parallel steps | sequential prefill (tokens) "
                   "| sequential steps |", "|---|---|---|---|---|"]
         for K, b in report["bare_forwards"].items():
@@ -531,12 +604,13 @@ def format_markdown(report: dict) -> str:
     if t:
         lines += ["", "## Training step", "",
                   f"{t['batch']} x {t['length']} tokens, {t['attn_implementation']}; forward + "
-                  "loss + backward + AdamW step.", "",
+                  f"loss + backward + AdamW step ({t['clock']} s).", "",
                   "| | columnar mask | plain causal (is_causal) | ratio |", "|---|---|---|---|",
-                  f"| full step s | {_fmt(t['columnar_step_s'])} | {_fmt(t['causal_step_s'])} | "
+                  f"| full step | {_fmt(t['columnar_step_s'])} | {_fmt(t['causal_step_s'])} | "
                   f"{_fmt(t['train_overhead'], 2)} |",
-                  f"| forward + backward s | {_fmt(t['columnar_fwd_bwd_s'])} | "
-                  f"{_fmt(t['causal_fwd_bwd_s'])} | {_fmt(t['train_overhead_fwd_bwd'], 2)} |"]
+                  f"| forward + backward | {_fmt(t['columnar_fwd_bwd_s'])} | "
+                  f"{_fmt(t['causal_fwd_bwd_s'])} | {_fmt(t['train_overhead_fwd_bwd'], 2)} |",
+                  "", f"Full step ratio on wall time: {_fmt(t['train_overhead_wall'], 2)}."]
     if report.get("masks"):
         lines += ["", "## Mask memory", "",
                   "| L | dense bool [1,1,L,L] | dense float32 (eager) | flex BlockMask | "
@@ -564,38 +638,41 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["decode"]
+    rows, env = report["decode"], report["environment"]
+    cpu = env["ratio_clock"] == "cpu"
+    colors = {m: f"C{i}" for i, m in enumerate(BENCH_MODES)}  # one colour per mode, both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in dict.fromkeys(r["mode"] for r in rows):
-        pts = sorted((r["branches"], r["questions_per_s"]) for r in rows if r["mode"] == mode)
-        left.plot(*zip(*pts), marker="o", label=mode)
-    left.set(xscale="log", yscale="log", xlabel="K (questions per context)",
-             ylabel="questions / s", title="Decoding throughput")
+        pts = sorted((r["branches"], r["questions_per_cpu_s" if cpu else "questions_per_s"])
+                     for r in rows if r["mode"] == mode)
+        left.plot(*zip(*pts), marker="o", color=colors[mode], label=mode)
     ks = sorted(report["speedup"])
+    left.set(xscale="log", yscale="log", xlabel="K (questions per context)",
+             ylabel="questions per CPU-second" if cpu else "questions / s",
+             title="Decoding throughput")
     left.set_xticks(ks, [str(k) for k in ks])
     left.grid(alpha=0.3, which="both")
     left.legend()
-    ach = [(k, report["speedup"][k]["achieved"]) for k in ks
-           if report["speedup"][k]["achieved"] is not None]
+    speed = report["speedup"]
     lim = [(k, report["decode_limit"][k]) for k in ks if k in report["decode_limit"]]
     if lim:
-        right.plot(*zip(*lim), marker="s", linestyle="--", label="limit (bare forwards)")
-    if ach:
-        right.plot(*zip(*ach), marker="o", label="parallel (achieved)")
-    bat = [(k, _row(rows, k, "batched")["questions_per_s"] / _row(rows, k, "sequential")[
-        "questions_per_s"]) for k in ks if _row(rows, k, "batched") and _row(rows, k, "sequential")]
-    if bat:
-        right.plot(*zip(*bat), marker="^", label="batched")
+        right.plot(*zip(*lim), marker="s", linestyle="--", color="black",
+                   label="limit (bare forwards)")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = [(k, speed[k]["vs_sequential"].get(mode)) for k in ks]
+        pts = [p for p in pts if p[1] is not None]
+        if mode != "sequential" and pts:
+            right.plot(*zip(*pts), marker="o", color=colors[mode], label=f"{mode} (achieved)")
     right.plot(ks, ks, color="grey", alpha=0.4, linewidth=1, label="K")
-    right.set(xscale="log", xlabel="K (questions per context)", ylabel="speedup over sequential",
-              title="Speedup over one question at a time")
+    right.set(xscale="log", yscale="log", xlabel="K (questions per context)",
+              ylabel="speedup over sequential", title="Speedup over one question at a time")
     right.set_xticks(ks, [str(k) for k in ks])
     right.grid(alpha=0.3, which="both")
     right.legend()
-    env = report["environment"]
+    w = report["workload"]
     fig.suptitle(f"{env['model']} ({env['parameters'] / 1e6:.1f}M), {env['threads']} thread(s), "
-                 f"N={report['workload']['context_tokens']}, q={report['workload']['question_tokens']}"
-                 f", T={report['workload']['new_tokens']}", fontsize=10)
+                 f"N={w['context_tokens']}, q={w['question_tokens']}, T={w['new_tokens']}, "
+                 f"{'CPU' if cpu else 'wall'} time", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -640,20 +717,22 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
     stride = int(settings.get("branch_stride", run.collator.branch_stride))
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
+    decode_cfg = DecodeConfig(max_new_tokens=bcfg.new_tokens, ignore_eos=True).validate("bench")
     decoder = Decoder(model=model, branch_stride=stride, align_to=run.collator.align_to,
-                      pad_id=pad if pad is not None else 0, eos_id=eos,
-                      decode=DecodeConfig(max_new_tokens=bcfg.new_tokens, ignore_eos=True).validate("bench"))
+                      pad_id=pad if pad is not None else 0, eos_id=eos, decode=decode_cfg)
     log.info("bench: %s (%.2fM parameters), %d thread(s), K in %s, modes %s", name,
              models.count_parameters(model) / 1e6, torch.get_num_threads(), list(bcfg.branches),
              list(bcfg.modes))
+    clock = resolve_clock(bcfg.clock, torch.get_num_threads())
     workload = make_workload(bcfg, vocab)
-    rows, limits, bare = bench_decoding(decoder, workload, bcfg, vocab)
+    rows, limits, speed, bare = bench_decoding(decoder, workload, bcfg, vocab, clock)
     report = {
         "environment": {
             "model": name, "parameters": models.count_parameters(model),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "ratio_clock": clock,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "device": str(next(model.parameters()).device), "load_before": list(load_before),
         },
@@ -662,11 +741,11 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
                               "repeats", "warmup", "branches", "modes", "seed")},
         "decode": rows,
         "decode_limit": limits,
-        "speedup": speedups(rows),
+        "speedup": speed,
         "bare_forwards": bare,
     }
     if bcfg.train:
-        report["training"] = bench_training(model, bcfg, stride, vocab)
+        report["training"] = bench_training(model, bcfg, stride, vocab, clock)
         report["train_overhead"] = report["training"]["train_overhead"]
         log.info("training step: columnar / causal = %.2f", report["train_overhead"])
     report["masks"] = bench_masks(bcfg) if bcfg.mask_lengths else []

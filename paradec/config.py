@@ -41,6 +41,7 @@ class StageConfig:
 class TokenizerConfig:
     path: Optional[str] = None
     vocab_size: int = 2048
+    train_texts: int = 100000  # at most this many training texts for the BPE (a Hub stream is endless)
 
 
 @dataclass
@@ -137,10 +138,10 @@ class LoggerConfig:
 class GenerateConfig:
     """``generate``: the demo stage's inputs (one background, several questions)."""
 
-    background: str = ("The color of Rofa is teal. The fruit of Rofa is pear. "
-                       "The metal of Rofa is cobalt.")
+    background: str = ("Rofa's color is teal. Rofa's fruit is pear. "
+                       "Rofa's metal is cobalt.")
     questions: list = field(default_factory=lambda: [
-        "What is the color of Rofa?", "What is the metal of Rofa?", "What is the fruit of Rofa?"])
+        "What is Rofa's color?", "What is Rofa's metal?", "What is Rofa's fruit?"])
     max_new_tokens: int = 16
     plot: bool = True  # also save a picture of the layout and its mask (layout.png)
 

@@ -120,6 +120,21 @@ def questions_of(samples: Sequence[BranchSample]) -> list[Question]:
     return out
 
 
+def first_contexts(dataset, n: int) -> list[BranchSample]:
+    """The samples of the first ``n`` contexts (0 = all). A context with more questions than
+    ``collator.branches_per_sample`` spans several samples and counts once, so a sweep over
+    branch counts answers the same questions at every K."""
+    out, seen = [], set()
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        context = sample.meta.get("context_id", i)
+        if n and context not in seen and len(seen) == n:
+            break
+        seen.add(context)
+        out.append(sample)
+    return out
+
+
 def _batches(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]

@@ -402,7 +402,8 @@ def plot_layout(layout: Layout, row: int, path, token_text: Callable[[int], str]
     keep = [i for i in range(n) if branch[i] != 0 or i >= hidden]  # background is stored first
     first_col = min(column[i] for i in keep)
     offset = first_col - (1 if hidden else 0)  # one spare cell says what is hidden
-    n_cols = max(column) + 1 - offset
+    start = int(layout.target_start[row])  # column C: every target starts here
+    n_cols = max(max(column), start) + 1 - offset
 
     cell = min(0.62, max(0.3, 24.0 / n_cols))  # inches per column
     grid_h = n_branches * 0.55 + 1.0
@@ -433,7 +434,7 @@ def plot_layout(layout: Layout, row: int, path, token_text: Callable[[int], str]
     ax.set_xlim(0, n_cols)
     ax.set_ylim(n_branches, 0)
     step = 1 if n_cols <= 40 else 5
-    cols = [c for c in range(first_col, max(column) + 1) if (c - first_col) % step == 0]
+    cols = [c for c in range(first_col, n_cols + offset) if (c - first_col) % step == 0]
     ax.set_xticks([c - offset + 0.5 for c in cols])
     ax.set_xticklabels([str(c) for c in cols], fontsize=7)
     ax.set_yticks([k + 0.5 for k in range(n_branches)])
@@ -442,7 +443,6 @@ def plot_layout(layout: Layout, row: int, path, token_text: Callable[[int], str]
         lbl.set_color(_branch_color(k))
     ax.set_xlabel("column (time step)" + (f"; the first {hidden} background tokens are hidden"
                                           if hidden else ""))
-    start = int(layout.target_start[row])
     ax.axvline(start - offset, color="#2b7a2b", linewidth=1.2, linestyle="--")
     handles = [Patch(facecolor=ROLE_COLORS[r], edgecolor="#888888", label=r)
                for r in ("background", "prompt", "target")]

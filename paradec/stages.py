@@ -9,6 +9,7 @@ one-line cause.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -54,7 +55,7 @@ def _is_main_process() -> bool:
     """False on every process but the first under ``accelerate launch`` / ``torchrun``."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def _resolved(cfg: DictConfig) -> dict:
@@ -127,7 +128,8 @@ def _base_model(run: Config, task):
         else:
             log.info("training a %d-token BPE tokenizer on the %s training text",
                      mcfg.tokenizer.vocab_size, run.data.name)
-            tokenizer = models.train_tokenizer(task.texts("train"), mcfg.tokenizer.vocab_size)
+            texts = itertools.islice(task.texts("train"), mcfg.tokenizer.train_texts)
+            tokenizer = models.train_tokenizer(texts, mcfg.tokenizer.vocab_size)
         model, tokenizer = models.build_model(mcfg, tokenizer)
     if tokenizer is None:
         raise ValueError(f"model.path={mcfg.path}: no tokenizer found beside the model")
@@ -189,7 +191,7 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
 def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl."""
-    from .evaluation import evaluate, format_table
+    from .evaluation import evaluate, first_contexts, format_table
 
     if not (run.model.path or run.model.arch == "hub"):
         raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
@@ -207,8 +209,7 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     if torch.cuda.is_available():
         model.cuda()
     dataset = task.dataset(run.eval.split, tokenizer, "qa", run.collator.max_branches)
-    n = len(dataset) if not run.eval.max_samples else min(run.eval.max_samples, len(dataset))
-    samples = [dataset[i] for i in range(n)]
+    samples = first_contexts(dataset, run.eval.max_samples)
     name, group = _run_identity(run)
     with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
                  name=name, group=group) as tracker:

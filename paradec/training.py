@@ -287,12 +287,15 @@ class Trainer:
         Per process: its rank, a fingerprint of its first batch (ranks must differ), a SHA-256 of
         its parameters and of its tokenizer's vocabulary (ranks must agree under DDP). Enabled by
         the environment variable ``PARADEC_RANK_REPORT=1`` (hashing every weight costs time on
-        big models). Not meaningful under FSDP, where each process holds a different shard.
+        big models). Under FSDP / DeepSpeed each process holds a different shard: no checksum.
         """
+        from accelerate.utils import DistributedType
+
         acc = self.accelerator
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         mine = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.step,
                 "first_batch": self._first_batch,
-                "params": parameter_checksum(acc.unwrap_model(self.model)),
+                "params": None if sharded else parameter_checksum(acc.unwrap_model(self.model)),
                 "tokenizer": vocab_checksum(self.tokenizer)}
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -302,7 +305,7 @@ class Trainer:
             ranks = [mine]
         if acc.is_main_process:
             (self.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
-            if len({r["params"] for r in ranks}) > 1:
+            if not sharded and len({r["params"] for r in ranks}) > 1:
                 log.error("parameters differ across processes at step %d: %s", self.step,
                           [r["params"][:12] for r in ranks])
         return ranks

@@ -83,3 +83,14 @@ def test_evaluate_writes_every_question_once_per_mode(tmp_path):
     # parallel: one forward per column per batch; sequential: one question per sample
     assert saved["parallel"]["forward_calls"] <= 4
     assert "| em |" in format_table(report)
+
+
+def test_first_contexts_keeps_every_question_of_a_context():
+    from paradec.evaluation import first_contexts
+
+    def sample(ctx):
+        return BranchSample([1], [Branch([2], [3])], meta={"context_id": ctx})
+
+    data = [sample("a"), sample("a"), sample("b"), sample("c"), sample("c")]
+    assert [s.meta["context_id"] for s in first_contexts(data, 2)] == ["a", "a", "b"]
+    assert len(first_contexts(data, 0)) == 5

@@ -11,8 +11,36 @@ from paradec.layout import Branch, BranchSample
 from paradec.tasks import load_task
 from paradec.tasks.synthetic import RELATIONS, SyntheticDataConfig, synthetic_background
 
-FACT = re.compile(r"The (\w+) of (\w+) is ([^.]+)\.")
-QUESTION = re.compile(r"What is the (\w+) of (\w+)\?")
+FACT_RE = re.compile(r"(\w+)'s (\w+) is ([^.]+)\.")
+QUESTION_RE = re.compile(r"What is (\w+)'s (\w+)\?")
+
+
+class FACT:
+    """(relation, entity, value) of every fact of a background."""
+
+    @staticmethod
+    def findall(text):
+        return [(rel, ent, value) for ent, rel, value in FACT_RE.findall(text)]
+
+
+class QUESTION:
+    """Match a question; groups() = (relation, entity), group(1) = the relation."""
+
+    @staticmethod
+    def fullmatch(text):
+        ent, rel = QUESTION_RE.fullmatch(text).groups()
+        return _Match((rel, ent))
+
+
+class _Match:
+    def __init__(self, groups):
+        self._groups = groups
+
+    def groups(self):
+        return self._groups
+
+    def group(self, i):
+        return self._groups[i - 1]
 
 
 def oracle(background: str, question: str) -> str:

@@ -1,12 +1,15 @@
 """data=synthetic: a generated fact-retrieval task, so the whole pipeline runs with no Hub access.
 
-A background lists facts ``The <relation> of <entity> is <value>.``; each question asks
-``What is the <relation> of <entity>?`` and its answer is the value. Example (defaults)::
+A background lists facts ``<entity>'s <relation> is <value>.``; each question asks
+``What is <entity>'s <relation>?`` and its answer is the value. Example (defaults)::
 
-    background: The fruit of Rofa is pear. The metal of Rofa is cobalt. The bird of Rofa is heron.
-                The color of Rofa is teal.
-    branch 1:   "\\nQ: What is the bird of Rofa?\\nA:"  ->  " heron" + EOS
-    branch 2:   "\\nQ: What is the color of Rofa?\\nA:"  ->  " teal" + EOS
+    background: Rofa's fruit is pear. Rofa's metal is cobalt. Rofa's bird is heron.
+                Rofa's color is teal.
+    branch 1:   "\\nQ: What is Rofa's bird?\\nA:"  ->  " heron" + EOS
+    branch 2:   "\\nQ: What is Rofa's color?\\nA:"  ->  " teal" + EOS
+
+The value stands at a fixed offset after its relation word ("<relation> is <value>"), whatever
+the entity's length in tokens: a pattern a small model finds quickly by induction.
 
 Invariants:
   * Every answer can only be read from the background: values are drawn uniformly from a pool of
@@ -95,8 +98,8 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 }
 RELATIONS = {rel: tuple(words.split()) for rel, words in RELATIONS.items()}
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
-FACT = "The {relation} of {entity} is {value}."
-QUESTION = "What is the {relation} of {entity}?"
+FACT = "{entity}'s {relation} is {value}."
+QUESTION = "What is {entity}'s {relation}?"
 
 
 @dataclass
