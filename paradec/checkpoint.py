@@ -56,7 +56,7 @@ def set_rng_state(state: dict, torch_state: torch.Tensor | None) -> None:
 
 
 def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler,
-                    trainer_state: dict, keep_last: int = 2) -> Path:
+                    trainer_state: dict, keep_last: int = 2, state_dict: dict | None = None) -> Path:
     """Write a complete checkpoint for ``step`` atomically; keep only the newest ``keep_last``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

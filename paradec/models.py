@@ -326,11 +326,14 @@ def load_model(model_cfg: Any):
     return apply_columnar(model, model_cfg), tokenizer
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` (safetensors, with ``config.columnar``) plus the tokenizer."""
+def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
+               state_dict: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors, with ``config.columnar``) plus the tokenizer.
+
+    ``state_dict``: weights gathered beforehand (FSDP); None = the model's own."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -164,8 +164,18 @@ class Trainer:
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _gathered_state_dict(self) -> dict | None:
+        """Under FSDP the full weights must be gathered on every process before rank 0 saves
+        them (``accelerator.get_state_dict``); elsewhere ``save_pretrained`` reads the model."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return self.accelerator.get_state_dict(self.model)
+        return None
+
     def save_checkpoint(self) -> Path | None:
         self.accelerator.wait_for_everyone()
+        state_dict = self._gathered_state_dict()
         if not self.accelerator.is_main_process:
             return None
         state = {
@@ -177,7 +187,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.checkpoint_root, self.step, model=self.accelerator.unwrap_model(self.model),
             tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state=state, keep_last=self.cfg.keep_checkpoints)
+            trainer_state=state, keep_last=self.cfg.keep_checkpoints, state_dict=state_dict)
 
     # -- one step ------------------------------------------------------------------------------
     def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -271,8 +281,10 @@ class Trainer:
         bar.close()
         model_dir = self.run_dir / "model"
         acc.wait_for_everyone()
+        state_dict = self._gathered_state_dict()
         if acc.is_main_process:
-            save_model(acc.unwrap_model(self.model), self.tokenizer, model_dir)
+            save_model(acc.unwrap_model(self.model), self.tokenizer, model_dir,
+                       state_dict=state_dict)
         self.tracker.summary({"train/final_loss": last_loss,
                               **({"val/final_loss": val_loss} if val_loss is not None else {})})
         if os.environ.get("PARADEC_RANK_REPORT"):
