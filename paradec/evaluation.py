@@ -67,7 +67,7 @@ def best_score(metric, prediction: str, golds: Sequence[str]) -> float:
 
 @dataclass
 class EvalConfig:
-    """Schema of the ``eval`` node (documented in ``conf/stage/eval.yaml``)."""
+    """Schema of the ``eval`` node (documented in ``conf/eval/default.yaml``)."""
 
     modes: list = field(default_factory=lambda: ["baseline", "sequential", "parallel"])
     split: str = "test"
