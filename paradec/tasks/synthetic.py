@@ -112,7 +112,7 @@ class SyntheticDataConfig:
     validation_size: int = 300
     test_size: int = 300
     min_facts: int = 4
-    max_facts: int = 8
+    max_facts: int = 5
     questions_per_background: int = 4
     entities_per_background: int = 1
     min_answer_words: int = 1
