@@ -6,7 +6,9 @@ builder. Its settings are :class:`CollatorConfig`, the schema of the one config 
 ``conf/collator/`` that every stage composes, so training and evaluation can never disagree.
 
 Items may be
-  * :class:`BranchSample` (already grouped, e.g. the questions of one SQuAD context): kept as is;
+  * :class:`BranchSample` (already grouped, e.g. the questions of one SQuAD context): kept as is,
+    or, with ``min/max_branches_per_sample`` set, cut to a seeded random subset of its branches
+    (so a model finetuned on QA also sees fewer questions per context, down to one);
   * :class:`Branch`, a token list, or a dict with ``input_ids`` (e.g. one pretraining text chunk):
     consecutive items are grouped into samples of ``branches_per_sample`` branches, or of a seeded
     random count in ``[min_branches_per_sample, max_branches_per_sample]``, with no background.
@@ -100,6 +102,19 @@ class ColumnarCollator:
             return c.branches_per_sample
         return self.rng.randint(c.min_branches_per_sample, c.max_branches_per_sample)
 
+    def _subsample(self, sample: BranchSample) -> BranchSample:
+        """A seeded random subset of a ready sample's branches (in order), when counts are random."""
+        c, n = self.config, len(sample.branches)
+        if c.min_branches_per_sample is None or n <= c.min_branches_per_sample:
+            return sample
+        k = self.rng.randint(c.min_branches_per_sample, min(c.max_branches_per_sample, n))
+        if k == n:
+            return sample
+        keep = sorted(self.rng.sample(range(n), k))
+        meta = {key: [value[i] for i in keep] if isinstance(value, list) and len(value) == n
+                else value for key, value in sample.meta.items()}
+        return BranchSample(sample.background, [sample.branches[i] for i in keep], meta)
+
     def group(self, items: Sequence[Any]) -> list[BranchSample]:
         """Group loose branches into samples; pass ready samples through, in order."""
         samples, loose = [], []
@@ -113,7 +128,7 @@ class ColumnarCollator:
         for item in items:
             if isinstance(item, BranchSample):
                 flush()
-                samples.append(item)
+                samples.append(self._subsample(item))
             else:
                 loose.append(_as_branch(item))
         flush()

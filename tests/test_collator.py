@@ -93,3 +93,18 @@ def test_yaml_group_matches_schema_defaults():
     expected = CollatorConfig().__dict__
     assert expected.pop("branch_stride") == 128
     assert yaml == expected
+
+
+def test_random_counts_subsample_ready_samples_with_their_meta():
+    sample = BranchSample([1, 2], [Branch([10 + k], [20 + k]) for k in range(4)],
+                          meta={"ids": ["a", "b", "c", "d"], "context_id": "x"})
+    collate = ColumnarCollator(min_branches_per_sample=1, max_branches_per_sample=4, seed=0)
+    counts = set()
+    for _ in range(40):
+        (kept,) = collate.group([sample])
+        counts.add(len(kept.branches))
+        assert kept.meta["context_id"] == "x" and kept.background == [1, 2]
+        # the kept ids are those of the kept branches, in order
+        assert [f"{'abcd'[b.prompt[0] - 10]}" for b in kept.branches] == kept.meta["ids"]
+    assert counts == {1, 2, 3, 4}
+    assert ColumnarCollator().group([sample])[0] is sample  # fixed counts: untouched
