@@ -208,7 +208,6 @@ class Trainer:
         scale = acc.num_processes / step_tokens
         self.model.train()
         loss_sum = torch.zeros((), device=device)
-        seen = 0
         for i, layout in enumerate(layouts):
             last = i == len(layouts) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
@@ -221,7 +220,6 @@ class Trainer:
                     loss = loss + aux / len(layouts)
             acc.backward(loss)
             loss_sum += token_loss.detach()
-            seen += int(layout.valid.sum())
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip) \
             if self.cfg.grad_clip > 0 else torch.zeros(())
         lr = self.scheduler.get_last_lr()[0]
@@ -232,7 +230,7 @@ class Trainer:
         mean_loss = self._reduce_sum(loss_sum) / step_tokens
         return {"train/loss": float(mean_loss), "train/lr": lr,
                 "train/grad_norm": float(grad_norm), "train/target_tokens": int(step_tokens),
-                "_tokens": seen * acc.num_processes}
+                "_tokens": int(sum(l.valid.sum() for l in layouts)) * acc.num_processes}
 
     @torch.no_grad()
     def validate(self) -> dict:

@@ -15,38 +15,21 @@ FACT_RE = re.compile(r"(\w+)'s (\w+) is ([^.]+)\.")
 QUESTION_RE = re.compile(r"What is (\w+)'s (\w+)\?")
 
 
-class FACT:
+def fact_triples(text):
     """(relation, entity, value) of every fact of a background."""
-
-    @staticmethod
-    def findall(text):
-        return [(rel, ent, value) for ent, rel, value in FACT_RE.findall(text)]
+    return [(rel, ent, value) for ent, rel, value in FACT_RE.findall(text)]
 
 
-class QUESTION:
-    """Match a question; groups() = (relation, entity), group(1) = the relation."""
-
-    @staticmethod
-    def fullmatch(text):
-        ent, rel = QUESTION_RE.fullmatch(text).groups()
-        return _Match((rel, ent))
-
-
-class _Match:
-    def __init__(self, groups):
-        self._groups = groups
-
-    def groups(self):
-        return self._groups
-
-    def group(self, i):
-        return self._groups[i - 1]
+def question_key(text):
+    """(relation, entity) a question asks for."""
+    ent, rel = QUESTION_RE.fullmatch(text).groups()
+    return rel, ent
 
 
 def oracle(background: str, question: str) -> str:
     """A reader that answers by looking the question's key up in the background it is given."""
-    facts = {(rel, ent): value for rel, ent, value in FACT.findall(background)}
-    rel, ent = QUESTION.fullmatch(question).groups()
+    facts = {(rel, ent): value for rel, ent, value in fact_triples(background)}
+    rel, ent = question_key(question)
     return facts.get((rel, ent), "")
 
 
@@ -75,17 +58,17 @@ def test_answers_are_not_predictable_from_the_question():
     answers_by_key = defaultdict(Counter)  # question key (the relation) -> answers in train
     for c in (synthetic_background(cfg, "train", i) for i in range(3000)):
         for q in c.questions:
-            answers_by_key[QUESTION.fullmatch(q.question).group(1)][q.answers[0]] += 1
+            answers_by_key[question_key(q.question)[0]][q.answers[0]] += 1
     assert all(len(counter) >= 25 for counter in answers_by_key.values())
     best_guess = {key: counter.most_common(1)[0][0] for key, counter in answers_by_key.items()}
-    guesses = [(best_guess[QUESTION.fullmatch(q.question).group(1)], q.answers[0])
+    guesses = [(best_guess[question_key(q.question)[0]], q.answers[0])
                for c in split_items(cfg) for q in c.questions]
     assert exact_match(guesses) < 0.1
 
 
 def test_each_key_is_unique_in_its_background_by_default():
     for c in split_items(SyntheticDataConfig()):
-        relations = [rel for rel, _, _ in FACT.findall(c.context)]
+        relations = [rel for rel, _, _ in fact_triples(c.context)]
         assert len(relations) == len(set(relations)) and 4 <= len(relations) <= 8
         assert len(c.questions) == 4
         for q in c.questions:  # answer_start points at the answer
@@ -97,14 +80,14 @@ def test_entity_binding_variant():
                               questions_per_background=6)
     ctxs = split_items(cfg)
     for c in ctxs:
-        facts = FACT.findall(c.context)
+        facts = fact_triples(c.context)
         assert len({e for _, e, _ in facts}) == 2 and len({r for r, _, _ in facts}) == 3
     right = [(oracle(c.context, q.question), q.answers[0]) for c in ctxs for q in c.questions]
     assert exact_match(right) == 1.0
 
     def relation_only(c, q):  # ignores the entity: the first fact with the relation
-        rel = QUESTION.fullmatch(q.question).group(1)
-        return next(v for r, _, v in FACT.findall(c.context) if r == rel)
+        rel = question_key(q.question)[0]
+        return next(v for r, _, v in fact_triples(c.context) if r == rel)
     shortcut = exact_match((relation_only(c, q), q.answers[0]) for c in ctxs for q in c.questions)
     assert 0.4 < shortcut < 0.65
 
