@@ -23,6 +23,12 @@ from typing import Any, Optional, Sequence
 from .layout import ALIGNMENTS, LOSS_ON, Branch, BranchSample, Layout, build_layout
 
 
+# How a random branch count k in [min, max] is drawn: "sample" gives every k the same share of
+# samples; "question" the same share of branches (P(k) proportional to 1/k), so that one-branch
+# samples (sequential decoding) are trained on as many questions as full ones (parallel decoding).
+COUNT_WEIGHTINGS = ("sample", "question")
+
+
 @dataclass
 class CollatorConfig:
     """Defaults here mirror ``conf/collator/default.yaml`` (the documented copy users edit)."""
@@ -30,6 +36,7 @@ class CollatorConfig:
     branches_per_sample: int = 4
     min_branches_per_sample: Optional[int] = None
     max_branches_per_sample: Optional[int] = None
+    count_weighting: str = "sample"
     align_to: str = "left"
     interleave_branches: bool = True
     branch_stride: int = 128
@@ -52,6 +59,9 @@ class CollatorConfig:
                 "set both min_branches_per_sample and max_branches_per_sample, or neither")
         if lo is not None and not 1 <= lo <= hi:
             bad("min_branches_per_sample", f"need 1 <= min <= max, got min={lo}, max={hi}")
+        if self.count_weighting not in COUNT_WEIGHTINGS:
+            bad("count_weighting", f"must be one of {list(COUNT_WEIGHTINGS)}, "
+                f"got {self.count_weighting!r}")
         if self.align_to not in ALIGNMENTS:
             bad("align_to", f"must be one of {list(ALIGNMENTS)}, got {self.align_to!r}")
         if self.loss_on not in LOSS_ON:
@@ -100,14 +110,21 @@ class ColumnarCollator:
         c = self.config
         if c.min_branches_per_sample is None:
             return c.branches_per_sample
-        return self.rng.randint(c.min_branches_per_sample, c.max_branches_per_sample)
+        return self._draw_count(c.min_branches_per_sample, c.max_branches_per_sample)
+
+    def _draw_count(self, lo: int, hi: int) -> int:
+        """A seeded random branch count in ``[lo, hi]``, weighted by ``count_weighting``."""
+        if self.config.count_weighting == "sample" or lo == hi:
+            return self.rng.randint(lo, hi)
+        counts = range(lo, hi + 1)
+        return self.rng.choices(counts, weights=[1 / k for k in counts])[0]
 
     def _subsample(self, sample: BranchSample) -> BranchSample:
         """A seeded random subset of a ready sample's branches (in order), when counts are random."""
         c, n = self.config, len(sample.branches)
         if c.min_branches_per_sample is None or n <= c.min_branches_per_sample:
             return sample
-        k = self.rng.randint(c.min_branches_per_sample, min(c.max_branches_per_sample, n))
+        k = self._draw_count(c.min_branches_per_sample, min(c.max_branches_per_sample, n))
         if k == n:
             return sample
         keep = sorted(self.rng.sample(range(n), k))

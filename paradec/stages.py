@@ -246,7 +246,26 @@ def stage_config(cfg: DictConfig, stage: str, overrides: dict) -> DictConfig:
     overrides (``pipeline.<stage>``) are applied.
     """
     stage_file = OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml")
-    return OmegaConf.merge(cfg, stage_file, OmegaConf.create(overrides))
+    overrides = OmegaConf.create(overrides)
+    merged = OmegaConf.merge(cfg, stage_file)
+    task = OmegaConf.select(overrides, "data.name")
+    if task is not None and task != merged.data.name:
+        # Another data task for this stage (pretrain on fineweb, finetune on squad): its keys
+        # start from conf/data/<name>.yaml, as `data=<name>` would compose them, not from the
+        # other task's keys (they would not fit its schema).
+        merged.data = data_config(task, key=f"pipeline.{stage}.data.name")
+    return OmegaConf.merge(merged, overrides)
+
+
+def data_config(name: str, key: str = "data.name") -> DictConfig:
+    """``conf/data/<name>.yaml`` on its typed schema, as ``data=<name>`` composes it."""
+    from .tasks import DATA_SCHEMAS
+
+    if name not in DATA_SCHEMAS:
+        raise ValueError(f"{key}: unknown data task {name!r} (known: {', '.join(DATA_SCHEMAS)})")
+    own = OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml")
+    own.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(DATA_SCHEMAS[name]), own)
 
 
 def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):

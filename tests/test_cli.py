@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from paradec.config import register_configs, to_run_config
 
@@ -197,6 +198,31 @@ def test_pipeline_runs_every_stage_and_puts_eval_on_top(tmp_path):
     assert report == json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(report) == {"baseline", "sequential", "parallel"}
     assert (tmp_path / "predictions.jsonl").is_file()
+
+
+def test_a_pipeline_stage_can_use_another_data_task():
+    """pipeline.pretrain.data.name=fineweb: pretrain composes conf/data/fineweb.yaml, the rest stay."""
+    from paradec.stages import stage_config
+
+    cfg = compose_run("stage=pipeline", "+pipeline.pretrain.data.name=fineweb",
+                      "+pipeline.pretrain.data.seq_length=64")
+    pre = to_run_config(stage_config(cfg, "pretrain", dict(cfg.pipeline.pretrain)))
+    assert type(pre.data).__name__ == "FinewebDataConfig" and pre.data.seq_length == 64
+    assert pre.data.hub_id == "HuggingFaceFW/fineweb-edu"  # conf/data/fineweb.yaml's own defaults
+    fin = to_run_config(stage_config(cfg, "finetune", dict(cfg.pipeline.finetune)))
+    assert fin.data.name == "synthetic" and fin.collator.loss_on == "target"
+    with pytest.raises(ValueError, match="pipeline.pretrain.data.name: unknown data task 'webtext'"):
+        stage_config(cfg, "pretrain", {"data": {"name": "webtext"}})
+
+
+def test_squad_local_experiment_reads_the_data_dir(monkeypatch):
+    monkeypatch.setenv("PARADEC_DATA_DIR", "/data")
+    cfg = compose_run("experiment=squad_local")
+    run = to_run_config(cfg)
+    assert run.stage.name == "pipeline" and run.model.name == "small"
+    assert run.data.test_path == "/data/squad/squad-v1.1-dev-a.json.gz"
+    pretrain = OmegaConf.to_container(cfg.pipeline.pretrain, resolve=True)
+    assert pretrain["data"]["path"][0] == "/data/text/fineweb-edu-sample-150docs.jsonl.gz"
 
 
 @pytest.mark.slow

@@ -108,3 +108,26 @@ def test_random_counts_subsample_ready_samples_with_their_meta():
         assert [f"{'abcd'[b.prompt[0] - 10]}" for b in kept.branches] == kept.meta["ids"]
     assert counts == {1, 2, 3, 4}
     assert ColumnarCollator().group([sample])[0] is sample  # fixed counts: untouched
+
+
+def test_question_weighting_gives_every_count_the_same_share_of_questions():
+    """count_weighting=question: P(k) ~ 1/k, so k=1 samples train as many questions as k=4 ones."""
+    sample = BranchSample([1], [Branch([10 + k], [20 + k]) for k in range(4)])
+
+    def questions_per_count(weighting):
+        collate = ColumnarCollator(min_branches_per_sample=1, max_branches_per_sample=4,
+                                   count_weighting=weighting, seed=0)
+        totals = {k: 0 for k in range(1, 5)}
+        for _ in range(4000):
+            k = len(collate.group([sample])[0].branches)
+            totals[k] += k
+        return {k: n / sum(totals.values()) for k, n in totals.items()}
+
+    balanced, per_sample = questions_per_count("question"), questions_per_count("sample")
+    assert all(abs(share - 0.25) < 0.03 for share in balanced.values()), balanced
+    assert abs(per_sample[1] - 0.1) < 0.02 and abs(per_sample[4] - 0.4) < 0.03, per_sample
+
+
+def test_bad_count_weighting_names_the_key():
+    with pytest.raises(ValueError, match="collator.count_weighting"):
+        CollatorConfig(count_weighting="token").validate()
