@@ -210,7 +210,7 @@ def test_tokenizer_round_trip(tmp_path):
     assert loaded.convert_tokens_to_ids("<|endoftext|>") == loaded.eos_token_id
 
 
-@pytest.mark.parametrize("name,lo,hi", [("tiny", 0.5e6, 3e6), ("minimind2_small", 26e6 * 0.8, 26e6 * 1.2),
+@pytest.mark.parametrize("name,lo,hi", [("tiny", 0.5e6, 3e6), ("small", 5e6, 7e6), ("minimind2_small", 26e6 * 0.8, 26e6 * 1.2),
                                         ("minimind2", 104e6 * 0.8, 104e6 * 1.2),
                                         ("minimind2_moe", 80e6, 160e6)])
 def test_preset_parameter_counts(name, lo, hi):
