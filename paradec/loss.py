@@ -19,7 +19,8 @@ REDUCTIONS = ("mean", "sum")
 def columnar_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
     """Cross-entropy over labelled tokens, no shift. Returns ``(loss, n_tokens)``.
 
-    ``logits`` ``[B, L, V]``, ``labels`` ``[B, L]`` (-100 = no label). ``reduction="mean"``
+    ``logits`` ``[B, L, V]``, ``labels`` ``[B, L]`` (-100 = no label), or any matching shapes
+    (e.g. ``[N, V]`` / ``[N]`` for logits kept only at labelled positions). ``reduction="mean"``
     averages over labelled tokens (0 when there are none, never NaN); ``"sum"`` returns the sum,
     which with ``n_tokens`` lets gradient accumulation / several devices average correctly.
     ``n_tokens`` is a 0-dim long tensor (no host sync). Computed in float32 for bf16 logits.

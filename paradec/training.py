@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .batches import BatchStream, fixed_batches
 from .collator import ColumnarCollator
-from .loss import columnar_loss
+from .loss import IGNORE_INDEX, columnar_loss
 from .models import forward_layout, save_model
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,20 @@ def mixed_precision(choice: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def labelled_loss(model, layout):
+    """The forward and the summed loss of one layout: ``(outputs, loss_sum, n_tokens)``.
+
+    The vocabulary projection runs only where a token has a label (``logits_to_keep`` as a
+    boolean mask, so ``outputs.logits`` is ``[n_tokens, V]``). Same loss and gradients as
+    projecting every position, but a QA batch labels a few percent of its tokens (answers only)
+    and the projection is the widest matmul of a small model, or a 151K-wide one for Qwen3.
+    """
+    keep = layout.labels != IGNORE_INDEX
+    outputs = forward_layout(model, layout, logits_to_keep=keep)
+    loss_sum, n_tokens = columnar_loss(outputs.logits, layout.labels[keep], reduction="sum")
+    return outputs, loss_sum, n_tokens
 
 
 def router_aux_loss(model, outputs) -> torch.Tensor | None:
@@ -212,8 +226,7 @@ class Trainer:
             last = i == len(layouts) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync, acc.autocast():
-                outputs = forward_layout(self.model, layout)
-                token_loss, _ = columnar_loss(outputs.logits, layout.labels, reduction="sum")
+                outputs, token_loss, _ = labelled_loss(self.model, layout)
                 loss = token_loss * scale
                 aux = router_aux_loss(acc.unwrap_model(self.model), outputs)
                 if aux is not None:
@@ -247,8 +260,7 @@ class Trainer:
                                    self.cfg.eval_batches, acc.process_index, acc.num_processes):
             layout = collator(items).to(acc.device)
             with acc.autocast():
-                logits = forward_layout(self.model, layout).logits
-            loss_sum, n_tokens = columnar_loss(logits, layout.labels, reduction="sum")
+                _, loss_sum, n_tokens = labelled_loss(self.model, layout)
             total += loss_sum
             tokens += n_tokens
         loss = float(self._reduce_sum(total) / self._reduce_sum(tokens).clamp(min=1))

@@ -124,3 +124,36 @@ def test_accumulation_is_normalised_by_the_steps_target_tokens(tmp_path):
     assert losses_one[-1] < losses_one[0]  # it learns
     for (name, p1), p2 in zip(one.model.named_parameters(), two.model.parameters()):
         assert torch.allclose(p1, p2, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen3_moe", "lora"])
+def test_labelled_loss_matches_the_loss_over_full_logits(tmp_path, arch):
+    """Projecting only labelled positions gives the same loss and gradients as projecting all."""
+    from paradec.config import LoraSettings
+    from paradec.loss import columnar_loss
+    from paradec.models import add_lora, forward_layout
+    from paradec.training import labelled_loss
+
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) \
+        if arch == "qwen3_moe" else {}
+    model = tiny_model("qwen3" if arch == "lora" else arch, pair_indices=[7, 8], seed=3, **moe)
+    if arch == "lora":
+        model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), tmp_path / "base")
+    model.train()
+    layout = ColumnarCollator(min_branches_per_sample=1, max_branches_per_sample=2)(qa_items(6))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    full, full_grads = loss_and_grads(lambda: columnar_loss(
+        forward_layout(model, layout).logits, layout.labels, reduction="sum")[0])
+    kept, kept_grads = loss_and_grads(lambda: labelled_loss(model, layout)[1])
+    assert torch.allclose(full, kept, rtol=1e-5)
+    for a, b in zip(full_grads, kept_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    outputs, _, n_tokens = labelled_loss(model, layout)
+    assert outputs.logits.shape[0] == int(n_tokens) == layout.num_target_tokens
