@@ -397,7 +397,9 @@ def forward_layout(model: nn.Module, layout, *, isolate_branches: bool | None = 
     _check_ready(model, layout)
     mask = layout_attention_mask(model, layout, isolate_branches)
     kwargs = dict(input_ids=layout.input_ids, position_ids=layout.pos2d, attention_mask=mask,
-                  past_key_values=past_key_values, use_cache=use_cache, **model_kwargs)
+                  use_cache=use_cache, **model_kwargs)
+    if past_key_values is not None:  # newer 5.x releases rename it `cache` and warn on each use
+        kwargs["past_key_values"] = past_key_values
     if not _is_moe(model):
         return model(**kwargs)
     # transformers' MoE aux loss reshapes the attention mask as a 2D padding mask, which breaks
