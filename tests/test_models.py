@@ -256,3 +256,11 @@ def test_load_balancing_loss_ignores_padding():
     masked = load_balancing_loss(logits, 4, 2, valid)
     alone = load_balancing_loss([logits[0][:3]], 4, 2, None)
     torch.testing.assert_close(masked, alone)
+
+
+def test_forward_without_a_cache_passes_no_past_key_values(recwarn):
+    """Training calls forward_layout without a cache: no deprecated ``past_key_values`` kwarg
+    reaches the model (newer transformers 5.x would warn on every step)."""
+    model, _ = build_model({**SMALL, "pair_indices": [2]})
+    forward_layout(model.train(), build_layout(random_samples(seed=2)))
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
