@@ -26,6 +26,11 @@ What is measured:
   training      one columnar training step (columnar mask, the model's attention
                 implementation) over one plain causal step (``attention_mask=None``, i.e.
                 ``is_causal`` attention) on the same tokens and model: ``train_overhead``.
+                Both sides project every position onto the vocabulary, so the ratio isolates
+                what the columnar mask and 2D RoPE cost; the training loop's
+                :func:`paradec.training.labelled_loss` also skips the projection of unlabelled
+                positions, a saving that depends on the task (answers only vs every token), not
+                on the layout.
   masks         bytes of the dense bool ``[1, 1, L, L]`` mask at each ``mask_lengths`` L, and of
                 the FlexAttention ``BlockMask`` (:func:`paradec.masks.flex_block_mask`) when it
                 can be built here.
