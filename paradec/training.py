@@ -247,12 +247,17 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Mean target-token loss and perplexity over the first ``eval_batches`` validation batches."""
+        """Mean target-token loss and perplexity over the first ``eval_batches`` validation batches.
+
+        Always the loss of the target tokens (what the decoder writes), whatever
+        ``collator.loss_on`` trains, so validation curves compare across that setting.
+        """
         if self.val_data is None or self.cfg.eval_batches == 0:
             return {}
         acc = self.accelerator
         # Its own collator RNG: validation must never change the training stream.
-        collator = ColumnarCollator(self.collator.config, pad_id=self.collator.pad_id)
+        collator = ColumnarCollator(self.collator.config, pad_id=self.collator.pad_id,
+                                    loss_on="target")
         self.model.eval()
         total = torch.zeros((), device=acc.device)
         tokens = torch.zeros((), device=acc.device)

@@ -157,3 +157,17 @@ def test_labelled_loss_matches_the_loss_over_full_logits(tmp_path, arch):
         assert torch.allclose(a, b, atol=1e-5)
     outputs, _, n_tokens = labelled_loss(model, layout)
     assert outputs.logits.shape[0] == int(n_tokens) == layout.num_target_tokens
+
+
+def test_validation_loss_is_the_target_loss_whatever_loss_on_trains(tmp_path):
+    """collator.loss_on=all trains backgrounds and prompts too; val/loss stays the answers' loss."""
+    def val_loss(loss_on):
+        model = tiny_model(pair_indices=[7, 8], init=0.5, seed=1)
+        cfg = TrainerConfig(max_steps=1, batch_size=4, eval_batches=2, progress=False)
+        trainer = Trainer(model=model, tokenizer=None, train_data=qa_items(), val_data=qa_items(8, 1),
+                          collator=ColumnarCollator(loss_on=loss_on), cfg=cfg,
+                          run_dir=tmp_path / loss_on, accelerator=Accelerator(cpu=True),
+                          tracker=NullTracker())
+        return trainer.validate()["val/loss"]
+
+    assert val_loss("all") == pytest.approx(val_loss("target"), rel=1e-6)
