@@ -274,12 +274,13 @@ class BareForwards:
     @torch.no_grad()
     def run(self) -> tuple[tuple[float, float], tuple[float, float]]:
         cache = DynamicCache(config=self.model.config)
+        with_cache = models.cache_kwargs(self.model, cache)
         start = _now()
-        self.model(**self.prefill, past_key_values=cache, use_cache=True).logits.argmax(-1)
+        self.model(**self.prefill, **with_cache, use_cache=True).logits.argmax(-1)
         prefill = _since(start)
         start = _now()
         for step in self.steps:
-            self.model(**step, past_key_values=cache, use_cache=True).logits.argmax(-1)
+            self.model(**step, **with_cache, use_cache=True).logits.argmax(-1)
         return prefill, _since(start)
 
 

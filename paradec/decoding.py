@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from .layout import Branch, BranchSample, build_layout
 from .masks import mask_for_model
-from .models import forward_layout
+from .models import cache_kwargs, forward_layout
 
 
 @dataclass
@@ -173,7 +173,7 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
                               q_column=q_column, q_valid=q_valid, q_branch=q_branch, q_offset=past)
         pos2d = torch.stack((q_branch.clamp(min=0) * branch_stride, q_column), -1)
         step_logits = model(input_ids=q_token, position_ids=pos2d, attention_mask=mask,
-                            past_key_values=cache, use_cache=True).logits
+                            **cache_kwargs(model, cache), use_cache=True).logits
         forward_calls += 1
         token = token.scatter(1, order, choose_tokens(step_logits, cfg, generator))
         if keep_logits:

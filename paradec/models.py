@@ -14,6 +14,8 @@ that mapping as a plain dict or an OmegaConf ``DictConfig``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -377,6 +379,24 @@ def _record_router_logits(model: nn.Module):
             h.remove()
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` under the name the model's ``forward`` declares ({} without a cache).
+
+    transformers renamed ``past_key_values`` to ``cache`` within 5.x (5.24 warns on the old name,
+    which goes away in 5.40); earlier 5.x releases and remote-code models take
+    ``past_key_values``. Wrappers (peft, DDP) pass keyword arguments through to the model.
+    """
+    if cache is None:
+        return {}
+    return {_cache_argument(type(unwrap_model(model))): cache}
+
+
 def forward_layout(model: nn.Module, layout, *, isolate_branches: bool | None = None,
                    past_key_values=None, use_cache: bool = False, **model_kwargs):
     """Run ``model`` on a :class:`~paradec.layout.Layout`: the one way paradec calls a model.
@@ -397,9 +417,7 @@ def forward_layout(model: nn.Module, layout, *, isolate_branches: bool | None = 
     _check_ready(model, layout)
     mask = layout_attention_mask(model, layout, isolate_branches)
     kwargs = dict(input_ids=layout.input_ids, position_ids=layout.pos2d, attention_mask=mask,
-                  use_cache=use_cache, **model_kwargs)
-    if past_key_values is not None:  # newer 5.x releases rename it `cache` and warn on each use
-        kwargs["past_key_values"] = past_key_values
+                  use_cache=use_cache, **cache_kwargs(model, past_key_values), **model_kwargs)
     if not _is_moe(model):
         return model(**kwargs)
     # transformers' MoE aux loss reshapes the attention mask as a 2D padding mask, which breaks

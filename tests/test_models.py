@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.loss import columnar_loss, load_balancing_loss
 from paradec.masks import mask_for_model
-from paradec.models import (apply_columnar, build_model, count_parameters, forward_layout,
+from paradec.models import (apply_columnar, build_model, cache_kwargs, count_parameters, forward_layout,
                             load_model, load_pretrained, load_preset, save_model, train_tokenizer)
 from paradec.rope import columnar_settings, is_patched
 from tests.test_rope import SMALL, small_model
@@ -101,7 +101,7 @@ def test_column_at_a_time_with_cache_equals_full_forward(attn, isolate):
         prefill_mask = mask_for_model(model, lay.column[:, :start], lay.valid[:, :start],
                                       lay.branch[:, :start], isolate)
         out = model(input_ids=lay.input_ids[:, :start], position_ids=lay.pos2d[:, :start],
-                    attention_mask=prefill_mask, past_key_values=cache, use_cache=True)
+                    attention_mask=prefill_mask, **cache_kwargs(model, cache), use_cache=True)
         pieces.append(out.logits)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             assert (col[lo:hi] == col[lo]).all()  # one column per step
@@ -109,7 +109,7 @@ def test_column_at_a_time_with_cache_equals_full_forward(attn, isolate):
                                   isolate, q_column=lay.column[:, lo:hi], q_valid=lay.valid[:, lo:hi],
                                   q_branch=lay.branch[:, lo:hi], q_offset=lo)
             out = model(input_ids=lay.input_ids[:, lo:hi], position_ids=lay.pos2d[:, lo:hi],
-                        attention_mask=mask, past_key_values=cache, use_cache=True)
+                        attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
             pieces.append(out.logits)
     stepped = torch.cat(pieces, dim=1)
     assert stepped.shape == full.shape
@@ -263,4 +263,32 @@ def test_forward_without_a_cache_passes_no_past_key_values(recwarn):
     reaches the model (newer transformers 5.x would warn on every step)."""
     model, _ = build_model({**SMALL, "pair_indices": [2]})
     forward_layout(model.train(), build_layout(random_samples(seed=2)))
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_the_cache_goes_under_the_name_the_models_forward_declares(recwarn):
+    """transformers renamed ``past_key_values`` to ``cache`` within 5.x (the old name warns, then
+    goes away): paradec passes whichever name the model's forward declares, through peft too."""
+    import inspect
+
+    from paradec.config import LoraSettings
+    from paradec.decoding import DecodeConfig, decode_columnar
+    from paradec.models import add_lora
+
+    class OlderApi(torch.nn.Module):  # earlier 5.x releases and remote-code models
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    assert cache_kwargs(OlderApi(), "c") == {"past_key_values": "c"}
+    assert cache_kwargs(OlderApi(), None) == {}
+    model, _ = build_model({**SMALL, "pair_indices": [2]})
+    declared = inspect.signature(type(model).forward).parameters
+    name = "cache" if "cache" in declared else "past_key_values"
+    assert cache_kwargs(model, "c") == {name: "c"}
+    samples = [BranchSample(s.background, [Branch(b.prompt, []) for b in s.branches])
+               for s in random_samples(seed=4)]
+    decode_columnar(model.eval(), samples, eos_token_id=None, cfg=DecodeConfig(max_new_tokens=3))
+    lora = add_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0), "unused-base-path")
+    assert cache_kwargs(lora, "c") == {name: "c"}
+    decode_columnar(lora.eval(), samples, eos_token_id=None, cfg=DecodeConfig(max_new_tokens=3))
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
