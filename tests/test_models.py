@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.loss import columnar_loss, load_balancing_loss
 from paradec.masks import mask_for_model
-from paradec.models import (apply_columnar, build_model, cache_kwargs, count_parameters, forward_layout,
-                            load_model, load_pretrained, load_preset, save_model, train_tokenizer)
+from paradec.models import (apply_columnar, build_model, cache_kwargs, count_parameters,
+                            forward_layout, load_model, load_pretrained, load_preset, save_model,
+                            train_tokenizer)
 from paradec.rope import columnar_settings, is_patched
 from tests.test_rope import SMALL, small_model
 

@@ -164,9 +164,9 @@ def test_validation_loss_is_the_target_loss_whatever_loss_on_trains(tmp_path):
     def val_loss(loss_on):
         model = tiny_model(pair_indices=[7, 8], init=0.5, seed=1)
         cfg = TrainerConfig(max_steps=1, batch_size=4, eval_batches=2, progress=False)
-        trainer = Trainer(model=model, tokenizer=None, train_data=qa_items(), val_data=qa_items(8, 1),
-                          collator=ColumnarCollator(loss_on=loss_on), cfg=cfg,
-                          run_dir=tmp_path / loss_on, accelerator=Accelerator(cpu=True),
+        trainer = Trainer(model=model, tokenizer=None, train_data=qa_items(),
+                          val_data=qa_items(8, 1), collator=ColumnarCollator(loss_on=loss_on),
+                          cfg=cfg, run_dir=tmp_path / loss_on, accelerator=Accelerator(cpu=True),
                           tracker=NullTracker())
         return trainer.validate()["val/loss"]
 
