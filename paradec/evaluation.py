@@ -9,13 +9,19 @@ a/an/the, collapse whitespace; the max over the gold answers; fractions in [0, 1
 Modes (DESIGN section 1):
   parallel    all questions of a context as branches of one sample, one forward per column;
   sequential  the same columnar model, one question per sample (the fair quality control);
-  baseline    the unpatched model on ``context + question``, one question at a time;
-  batched     the unpatched model, all questions of a context as one left-padded batch.
+  baseline    the unpatched model, one question at a time;
+  batched     the unpatched model, all questions of a context as one left-padded batch;
+  joint       the unpatched model, all questions of a sample in one numbered prompt, answered in
+              order in one sequence and parsed back by number (:mod:`paradec.prompts`).
+The unpatched modes ask in ``eval.prompt`` style: ``chat`` (the tokenizer's chat template),
+``plain`` (the data template), or ``auto``: plain for a model paradec finetuned (it was trained
+on that format), else chat when the tokenizer has a template.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import re
@@ -28,10 +34,12 @@ from tqdm.auto import tqdm
 
 from .decoding import DecodeConfig, DecodeResult, decode_columnar, decode_plain
 from .layout import BranchSample
+from .prompts import JOINT_LINE_TOKENS, PROMPT_STYLES, joint_prompt, parse_joint, single_prompts
 
 log = logging.getLogger(__name__)
 
-MODES = ("parallel", "sequential", "baseline", "batched")
+MODES = ("parallel", "sequential", "baseline", "batched", "joint")
+COLUMNAR_MODES = ("parallel", "sequential")  # the patched model; the others run it unpatched
 
 
 # --- official SQuAD v1.1 scoring ----------------------------------------------------------------
@@ -78,6 +86,7 @@ class EvalConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    prompt: str = "auto"
 
     def validate(self) -> "EvalConfig":
         bad = [m for m in self.modes if m not in MODES]
@@ -88,6 +97,9 @@ class EvalConfig:
         for key in ("max_samples",):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"eval.prompt must be one of {list(PROMPT_STYLES)}, got "
+                             f"{self.prompt!r}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         self.decode_config()
@@ -140,10 +152,21 @@ def _batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
+def prompt_style(requested: str, tokenizer, finetuned_format: str | None) -> str:
+    """``eval.prompt`` resolved: ``auto`` is plain for a model paradec finetuned (it learned
+    that format), else chat when the tokenizer has a chat template, else plain."""
+    if requested != "auto":
+        return requested
+    if finetuned_format is not None or not getattr(tokenizer, "chat_template", None):
+        return "plain"
+    return "chat"
+
+
 def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, collator_cfg,
-             decode_cfg: DecodeConfig, batch_size: int, progress: bool = True
-             ) -> tuple[list[list[int]], DecodeResult]:
-    """Decode every question of ``samples`` in ``mode``; answers in :func:`questions_of` order."""
+             decode_cfg: DecodeConfig, batch_size: int, prompt: str = "plain",
+             progress: bool = True) -> tuple[list[str], DecodeResult]:
+    """Decode every question of ``samples`` in ``mode``; answer texts in :func:`questions_of`
+    order. ``prompt`` (chat | plain) is how the unpatched modes ask."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -154,20 +177,31 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
     elif mode == "sequential":
         units = [list(group) for group in _batches(singles, batch_size)]
     elif mode == "baseline":  # one question at a time
-        units = [[s.background + s.branches[0].prompt] for s in singles]
-    else:  # batched: one context's questions per batch, the context copied into every row
-        units = [[s.background + b.prompt for b in s.branches] for s in samples]
+        units = [[row] for s in samples for row in single_prompts(s, tokenizer, prompt)]
+    elif mode == "batched":  # one context's questions per batch, the context copied into every row
+        units = [single_prompts(s, tokenizer, prompt) for s in samples]
+    else:  # joint: one prompt, one sequence per sample
+        units = [[joint_prompt(s, tokenizer, prompt)] for s in samples]
     total = DecodeResult(tokens=[])
-    answers: list[list[int]] = []
-    for unit in tqdm(units, desc=mode, disable=not progress, dynamic_ncols=True, leave=False):
-        if mode in ("parallel", "sequential"):
+    answers: list[str] = []
+    for i, unit in enumerate(tqdm(units, desc=mode, disable=not progress, dynamic_ncols=True,
+                                  leave=False)):
+        if mode in COLUMNAR_MODES:
             result = decode_columnar(
                 model, unit, eos_token_id=eos, pad_token_id=pad, align_to=collator_cfg.align_to,
                 branch_stride=collator_cfg.branch_stride,
                 isolate_branches=collator_cfg.isolate_branches, cfg=decode_cfg)
+        elif mode == "joint":
+            n = len(samples[i].branches)
+            budget = dataclasses.replace(
+                decode_cfg, max_new_tokens=n * (decode_cfg.max_new_tokens + JOINT_LINE_TOKENS))
+            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=budget)
+            answers += parse_joint(answer_text(tokenizer, result.tokens[0][0]), n)
         else:
             result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg)
-        answers += [branch for sample in result.tokens for branch in sample]
+        if mode != "joint":
+            answers += [answer_text(tokenizer, branch) for sample in result.tokens
+                        for branch in sample]
         total.merge(result)
     return answers, total
 
@@ -178,21 +212,25 @@ def answer_text(tokenizer, tokens: list[int]) -> str:
 
 
 def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig, collator_cfg,
-             out_dir: Path, tracker=None, progress: bool = True) -> dict:
-    """Run every mode of ``cfg.modes``; write ``eval.json`` and ``predictions.jsonl``."""
+             out_dir: Path, tracker=None, progress: bool = True,
+             finetuned_format: str | None = None) -> dict:
+    """Run every mode of ``cfg.modes``; write ``eval.json`` and ``predictions.jsonl``.
+
+    ``finetuned_format``: the ``collator.format`` paradec finetuned the model on (None: not
+    finetuned by paradec); it decides ``eval.prompt=auto``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     questions = questions_of(samples)
     decode_cfg = cfg.decode_config()
+    style = prompt_style(cfg.prompt, tokenizer, finetuned_format)
     report, records = {}, []
     for mode in cfg.modes:
         answers, result = run_mode(mode, model, samples, tokenizer=tokenizer,
                                    collator_cfg=collator_cfg, decode_cfg=decode_cfg,
-                                   batch_size=cfg.batch_size, progress=progress)
+                                   batch_size=cfg.batch_size, prompt=style, progress=progress)
         assert len(answers) == len(questions), (mode, len(answers), len(questions))
         em = f1 = 0.0
-        for q, tokens in zip(questions, answers):
-            text = answer_text(tokenizer, tokens)
+        for q, text in zip(questions, answers):
             q_em, q_f1 = best_score(exact_match, text, q.answers), best_score(f1_score, text, q.answers)
             em, f1 = em + q_em, f1 + q_f1
             records.append({"id": q.id, "mode": mode, "prediction": text, "answers": q.answers,
@@ -204,6 +242,7 @@ def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig,
             "wall_s": result.wall_s, "questions_per_s": len(questions) / max(result.wall_s, 1e-9),
             "new_tokens": result.new_tokens, "forward_calls": result.forward_calls,
             "peak_kv_tokens": result.peak_kv_tokens,
+            "prompt": "columnar" if mode in COLUMNAR_MODES else style,
         }
         log.info("%s: EM %.3f F1 %.3f, %.1f questions/s", mode, report[mode]["em"],
                  report[mode]["f1"], report[mode]["questions_per_s"])
@@ -212,7 +251,8 @@ def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig,
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     if tracker is not None:
-        flat = {f"eval/{mode}/{k}": v for mode, row in report.items() for k, v in row.items()}
+        flat = {f"eval/{mode}/{k}": v for mode, row in report.items() for k, v in row.items()
+                if isinstance(v, (int, float))}
         tracker.log(flat)
         tracker.summary(flat)
         by_id = collections.defaultdict(dict)

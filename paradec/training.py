@@ -257,7 +257,7 @@ class Trainer:
         acc = self.accelerator
         # Its own collator RNG: validation must never change the training stream.
         collator = ColumnarCollator(self.collator.config, pad_id=self.collator.pad_id,
-                                    loss_on="target")
+                                    tokenizer=self.collator.tokenizer, loss_on="target")
         self.model.eval()
         total = torch.zeros((), device=acc.device)
         tokens = torch.zeros((), device=acc.device)
@@ -300,6 +300,7 @@ class Trainer:
         if acc.is_main_process:
             save_model(acc.unwrap_model(self.model), self.tokenizer, model_dir,
                        state_dict=state_dict)
+            write_finetuned_format(model_dir, self.collator.config.format)
         self.tracker.summary({"train/final_loss": last_loss,
                               **({"val/final_loss": val_loss} if val_loss is not None else {})})
         if os.environ.get("PARADEC_RANK_REPORT"):
@@ -367,6 +368,23 @@ def _collator_state_to_json(state: dict) -> dict:
 def _collator_state_from_json(state: dict) -> dict:
     version, internal, gauss = state["rng"]
     return {"rng": (version, tuple(internal), gauss)}
+
+
+FINETUNED_FORMAT_FILE = "paradec_training.json"
+
+
+def write_finetuned_format(model_dir: Path, row_format: str) -> None:
+    """Record beside a trained model the ``collator.format`` it was trained on (evaluation then
+    asks the unpatched modes in the plain format the model learned, not its chat template)."""
+    (Path(model_dir) / FINETUNED_FORMAT_FILE).write_text(json.dumps({"format": row_format}))
+
+
+def finetuned_format(model_path) -> str | None:
+    """The ``collator.format`` a paradec-trained model records (None: not trained by paradec)."""
+    marker = Path(model_path) / FINETUNED_FORMAT_FILE if model_path else None
+    if marker is None or not marker.is_file():
+        return None
+    return json.loads(marker.read_text()).get("format")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
