@@ -81,6 +81,7 @@ class EvalConfig:
     split: str = "test"
     max_new_tokens: int = 16
     max_samples: int = 0
+    context_stride: int = 1
     batch_size: int = 8
     temperature: float = 0.0
     top_k: int = 0
@@ -100,6 +101,8 @@ class EvalConfig:
         if self.prompt not in PROMPT_STYLES:
             raise ValueError(f"eval.prompt must be one of {list(PROMPT_STYLES)}, got "
                              f"{self.prompt!r}")
+        if self.context_stride < 1:
+            raise ValueError(f"eval.context_stride must be >= 1, got {self.context_stride}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         self.decode_config()
@@ -132,17 +135,20 @@ def questions_of(samples: Sequence[BranchSample]) -> list[Question]:
     return out
 
 
-def first_contexts(dataset, n: int) -> list[BranchSample]:
-    """The samples of the first ``n`` contexts (0 = all). A context with more questions than
-    ``collator.branches_per_sample`` spans several samples and counts once, so a sweep over
-    branch counts answers the same questions at every K."""
-    out, seen = [], set()
+def first_contexts(dataset, n: int, stride: int = 1) -> list[BranchSample]:
+    """The samples of the first ``n`` contexts (0 = all) among every ``stride``-th context of
+    the split (contexts 0, stride, 2 stride, ...: a spread over the whole split). A context with
+    more questions than ``collator.branches_per_sample`` spans several samples and counts once,
+    so a sweep over branch counts answers the same questions at every K."""
+    out, order = [], {}
     for i in range(len(dataset)):
         sample = dataset[i]
         context = sample.meta.get("context_id", i)
-        if n and context not in seen and len(seen) == n:
+        index = order.setdefault(context, len(order))
+        if index % stride:
+            continue
+        if n and index // stride >= n:
             break
-        seen.add(context)
         out.append(sample)
     return out
 

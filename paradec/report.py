@@ -15,6 +15,7 @@ Written files:
   eval_em.png        EM per mode against branches per sample (bars per variant when the
                      branch count does not vary);
   eval_speedup.png   questions/s of each mode over ``sequential`` against branches per sample;
+  eval_questions_per_s.png  questions/s of each mode against branches per sample;
   train_loss.png     training (solid) and validation (dashed) loss against the step.
 """
 
@@ -36,10 +37,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from .evaluation import MODES  # noqa: E402
 from .layout import Layout  # noqa: E402
 from .masks import columnar_mask  # noqa: E402
 
-MODE_ORDER = ("parallel", "sequential", "baseline", "batched")
+MODE_ORDER = MODES
 SKIP_DIRS = {"wandb", "checkpoints", "model", "model_merged", "base_model", ".hydra",
              ".submitit", "__pycache__"}
 BRANCH_KEY = "collator.branches_per_sample"
@@ -136,8 +138,9 @@ def find_jobs(root: str | os.PathLike) -> list[Job]:
             report = json.loads((here / "eval.json").read_text())
         job = Job(path=here, name=str(here.relative_to(root)), config=config,
                   overrides=overrides, eval=report, metrics=_read_metrics(here / "metrics.jsonl"))
-        if here.name in ("pretrain", "finetune", "eval") and job.stage == "pipeline":
-            job.config = {**config, "stage": {**config.get("stage", {}), "name": here.name}}
+        if here.name in ("pretrain", "finetune", "eval", "zero_shot") and job.stage == "pipeline":
+            stage = "eval" if here.name == "zero_shot" else here.name
+            job.config = {**config, "stage": {**config.get("stage", {}), "name": stage}}
         if job.eval is not None or job.train_records:
             jobs.append(job)
     return sorted(jobs, key=lambda j: _sort_key(j.path.relative_to(root)))
@@ -349,6 +352,8 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
         _plot_eval(jobs, labels, modes, "speedup", "questions/s over sequential",
                    "speedup over one question per sample (sequential)",
                    out / "eval_speedup.png", hline=1.0),
+        _plot_eval(jobs, labels, modes, "questions_per_s", "questions/s",
+                   "questions answered per second", out / "eval_questions_per_s.png"),
         _plot_losses(jobs, labels, out / "train_loss.png"),
     ) if p is not None]
     report = out / "report.md"

@@ -233,7 +233,7 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     if torch.cuda.is_available():
         model.cuda()
     dataset = task.dataset(run.eval.split, tokenizer, "qa", run.collator.max_branches)
-    samples = first_contexts(dataset, run.eval.max_samples)
+    samples = first_contexts(dataset, run.eval.max_samples, run.eval.context_stride)
     name, group = _run_identity(run)
     with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
                  name=name, group=group) as tracker:

@@ -94,3 +94,16 @@ def test_first_contexts_keeps_every_question_of_a_context():
     data = [sample("a"), sample("a"), sample("b"), sample("c"), sample("c")]
     assert [s.meta["context_id"] for s in first_contexts(data, 2)] == ["a", "a", "b"]
     assert len(first_contexts(data, 0)) == 5
+
+
+def test_a_context_stride_spreads_the_contexts_and_keeps_their_questions():
+    from paradec.evaluation import first_contexts
+
+    contexts = ["a", "a", "b", "c", "c", "d", "e", "f", "f"]  # a context may span samples
+    data = [BranchSample([1], [Branch([2], [3])], {"context_id": c}) for c in contexts]
+    picked = lambda *args: [s.meta["context_id"] for s in first_contexts(data, *args)]  # noqa: E731
+    assert picked(0, 2) == ["a", "a", "c", "c", "e"]
+    assert picked(2, 2) == ["a", "a", "c", "c"]
+    assert picked(0, 1) == contexts
+    with pytest.raises(ValueError, match="eval.context_stride"):
+        EvalConfig(context_stride=0).validate()

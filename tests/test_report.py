@@ -87,7 +87,8 @@ def test_speedup_is_over_sequential_of_the_same_run():
 
 def test_report_of_a_branch_sweep(branch_sweep):
     result = write_report(branch_sweep)
-    assert [p.name for p in result["images"]] == ["eval_em.png", "eval_speedup.png"]
+    assert [p.name for p in result["images"]] == ["eval_em.png", "eval_speedup.png",
+                                                  "eval_questions_per_s.png"]
     for image in result["images"]:
         assert image.read_bytes()[:8] == PNG
         assert mpimg.imread(image).shape[1] > 600
@@ -120,7 +121,8 @@ def test_a_single_branch_count_gives_bars_per_variant(tmp_path):
                  report={"parallel": eval_row(0.3 + 0.2 * num, 40.0, 4),
                          "sequential": eval_row(0.6, 10.0, 16)})
     result = write_report(tmp_path)
-    assert {p.name for p in result["images"]} == {"eval_em.png", "eval_speedup.png"}
+    assert {p.name for p in result["images"]} == {"eval_em.png", "eval_speedup.png",
+                                                  "eval_questions_per_s.png"}
 
 
 def test_a_pipeline_run_counts_its_evaluation_once(tmp_path):
