@@ -63,7 +63,7 @@ from .rope import columnar_settings
 log = logging.getLogger(__name__)
 
 BENCH_MODES = ("parallel", "sequential", "batched", "baseline")
-# The targets of the benchmark issue (CPU): checked and reported in bench.json / bench.md.
+# Speed targets on a CPU, checked and reported in bench.json / bench.md.
 TARGET_LIMIT_FRACTION = 0.85   # parallel reaches this fraction of its limit at every K >= 2
 TARGET_VS_BATCHED = 1.5        # parallel / batched questions per second at the reference K
 TARGET_KV_FRACTION = 0.25      # parallel / batched peak KV tokens at the reference K
@@ -504,7 +504,7 @@ def _row(rows: list[dict], K: int, mode: str) -> Optional[dict]:
 
 
 def check_targets(report: dict, cfg: BenchConfig) -> dict:
-    """Each target of the benchmark issue: its value and whether it is met (None = not measured)."""
+    """Each speed target: its value and whether it is met (None = not measured)."""
     rows, speed, limits = report["decode"], report["speedup"], report["decode_limit"]
     targets = {}
     eff = {K: speed[K]["limit_fraction"] for K in limits

@@ -14,7 +14,9 @@ branches are still active, which both ends the loop and sizes the next input).
 
 Also here: :func:`decode_plain`, the unpatched-model baselines (``baseline``: one question at a
 time; ``batched``: all questions of a context as one left-padded batch with the context copied
-into every row), both through ``generate``, as users of a normal causal LM would decode.
+into every row), both through ``generate``, as users of a normal causal LM would decode; and
+:func:`decode_prefix` (``prefix``): the rows' common prefix prefilled once and its KV cache shared
+by every row, what prefix caching in a serving system gives.
 """
 
 from __future__ import annotations
@@ -236,4 +238,76 @@ def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, 
     tokens = [[row[:n]] for row, n in zip(new.tolist(), first.tolist())]
     return DecodeResult(tokens=tokens, forward_calls=calls[0], new_tokens=int(first.sum()),
                         peak_kv_tokens=gen.shape[0] * (gen.shape[1] - 1),
+                        wall_s=time.perf_counter() - start)
+
+
+def common_prefix_length(rows: Sequence[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    shortest = min(len(r) for r in rows)
+    heads = torch.tensor([r[:shortest] for r in rows], dtype=torch.long)
+    same = (heads == heads[:1]).all(0)
+    return min(int(same.long().cumprod(0).sum()), shortest - 1)
+
+
+@torch.no_grad()
+def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
+                  pad_token_id: int, cfg: DecodeConfig | None = None) -> DecodeResult:
+    """Prefix caching on the unpatched model: the rows' common prefix (the context) is prefilled
+    once into a ``DynamicCache`` that every row then shares (expanded to the rows), the rest of
+    each row (its question) is prefilled as one right-padded batch, then all rows decode in one
+    forward per new token.
+
+    Positions and the 2D attention mask make each row compute what it computes alone: it sees
+    the prefix, its own suffix (never the padding) and its own new tokens, at positions
+    ``len(row) + t``; so greedy answers equal :func:`decode_plain`'s one row at a time. A step
+    makes one host sync (whether any row still writes).
+    """
+    cfg = (cfg or DecodeConfig()).validate()
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    n_rows = len(rows)
+    common = common_prefix_length(rows)
+    cache = DynamicCache(config=model.config)
+    forward_calls = 0
+    if common:
+        prefix = torch.tensor([rows[0][:common]], dtype=torch.long, device=device)
+        model(input_ids=prefix, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        forward_calls += 1
+        cache.batch_repeat_interleave(n_rows)
+    lengths_in = torch.tensor([len(r) - common for r in rows], device=device)
+    width = int(lengths_in.max())
+    ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):  # per row, not per token: builds the padded batch
+        ids[i, :len(row) - common] = torch.tensor(row[common:], dtype=torch.long)
+    ids = ids.to(device)
+    steps = torch.arange(width, device=device)
+    mask = torch.cat((torch.ones(n_rows, common, dtype=torch.long, device=device),
+                      (steps < lengths_in[:, None]).long()), 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(common + steps).expand(
+        n_rows, width), **cache_kwargs(model, cache), use_cache=True).logits
+    forward_calls += 1
+    generator = _generator(cfg, device)
+    token = choose_tokens(logits[torch.arange(n_rows, device=device), lengths_in - 1], cfg,
+                          generator)
+    out = torch.full((n_rows, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    written = torch.zeros(n_rows, dtype=torch.long, device=device)
+    active = torch.ones(n_rows, dtype=torch.bool, device=device)
+    position = common + lengths_in  # where each row's first new token sits
+    for t in range(cfg.max_new_tokens):
+        emitted = active
+        out[:, t] = torch.where(emitted, token, pad_token_id)
+        written += emitted
+        if eos_token_id is not None and not cfg.ignore_eos:
+            active = emitted & (token != eos_token_id)
+        if t == cfg.max_new_tokens - 1 or not bool(active.any()):
+            break
+        mask = torch.cat((mask, torch.ones(n_rows, 1, dtype=torch.long, device=device)), 1)
+        step = model(input_ids=token[:, None], attention_mask=mask,
+                     position_ids=(position + t)[:, None], **cache_kwargs(model, cache),
+                     use_cache=True).logits[:, -1]
+        forward_calls += 1
+        token = choose_tokens(step, cfg, generator)
+    tokens = [[row[:n]] for row, n in zip(out.tolist(), written.tolist())]
+    return DecodeResult(tokens=tokens, forward_calls=forward_calls, new_tokens=int(written.sum()),
+                        peak_kv_tokens=n_rows * mask.shape[1],
                         wall_s=time.perf_counter() - start)

@@ -11,6 +11,8 @@ Modes (DESIGN section 1):
   sequential  the same columnar model, one question per sample (the fair quality control);
   baseline    the unpatched model, one question at a time;
   batched     the unpatched model, all questions of a context as one left-padded batch;
+  prefix      the unpatched model, the context prefilled once and its KV cache shared by the
+              questions of a sample, decoded as a batch (prefix caching; answers = baseline's);
   joint       the unpatched model, all questions of a sample in one numbered prompt, answered in
               order in one sequence and parsed back by number (:mod:`paradec.prompts`).
 The unpatched modes ask in ``eval.prompt`` style: ``chat`` (the tokenizer's chat template),
@@ -32,13 +34,13 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .decoding import DecodeConfig, DecodeResult, decode_columnar, decode_plain
+from .decoding import DecodeConfig, DecodeResult, decode_columnar, decode_plain, decode_prefix
 from .layout import BranchSample
 from .prompts import JOINT_LINE_TOKENS, PROMPT_STYLES, joint_prompt, parse_joint, single_prompts
 
 log = logging.getLogger(__name__)
 
-MODES = ("parallel", "sequential", "baseline", "batched", "joint")
+MODES = ("parallel", "sequential", "baseline", "batched", "prefix", "joint")
 COLUMNAR_MODES = ("parallel", "sequential")  # the patched model; the others run it unpatched
 
 
@@ -184,7 +186,7 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
         units = [list(group) for group in _batches(singles, batch_size)]
     elif mode == "baseline":  # one question at a time
         units = [[row] for s in samples for row in single_prompts(s, tokenizer, prompt)]
-    elif mode == "batched":  # one context's questions per batch, the context copied into every row
+    elif mode in ("batched", "prefix"):  # a sample's questions per batch, in rows of their own
         units = [single_prompts(s, tokenizer, prompt) for s in samples]
     else:  # joint: one prompt, one sequence per sample
         units = [[joint_prompt(s, tokenizer, prompt)] for s in samples]
@@ -203,6 +205,9 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
                 decode_cfg, max_new_tokens=n * (decode_cfg.max_new_tokens + JOINT_LINE_TOKENS))
             result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=budget)
             answers += parse_joint(answer_text(tokenizer, result.tokens[0][0]), n)
+        elif mode == "prefix":
+            result = decode_prefix(model, unit, eos_token_id=eos, pad_token_id=pad,
+                                   cfg=decode_cfg)
         else:
             result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg)
         if mode != "joint":

@@ -184,8 +184,8 @@ def _set_token_ids(config, tokenizer) -> None:
 def apply_columnar(model: nn.Module, model_cfg: Any) -> nn.Module:
     """Patch ``model`` with the preset's ``pair_indices`` / ``branch_stride``.
 
-    A checkpoint that already records columnar settings must agree with the config: silently
-    switching pair selections between pretraining and finetuning is a known prototype defect.
+    A checkpoint that already records columnar settings must agree with the config: a model
+    finetuned with other pairs than it was pretrained with reads every branch position wrong.
     """
     pairs = list(_get(model_cfg, "pair_indices", []))
     stride = int(_get(model_cfg, "branch_stride", 128))

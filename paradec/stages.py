@@ -74,7 +74,8 @@ def _explicit_overrides() -> dict[str, str]:
 def adopt_saved_columnar(run: Config) -> None:
     """The 2D RoPE settings saved with ``model.path`` win over the preset's defaults.
 
-    Pretraining and finetuning must use the same pairs and stride (a known prototype defect);
+    Pretraining and finetuning must use the same pairs and stride (else the finetuned model
+    reads every branch position differently from how it learned them);
     overriding them on the command line to something else is an error naming the key.
     """
     if not run.model.path:

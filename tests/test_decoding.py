@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from paradec.decoding import DecodeConfig, decode_columnar, decode_plain, prompts_only
+from paradec.decoding import (DecodeConfig, common_prefix_length, decode_columnar, decode_plain,
+                              decode_prefix, prompts_only)
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.models import forward_layout
 from tests.tiny import tiny_model
@@ -161,3 +162,31 @@ def test_bad_decode_settings():
         DecodeConfig(max_new_tokens=0).validate()
     with pytest.raises(ValueError, match="top_p"):
         DecodeConfig(top_p=0).validate()
+
+
+@pytest.mark.parametrize("shared", [12, 0])
+def test_prefix_caching_gives_the_one_at_a_time_answers(shared):
+    """The context prefilled once and shared: every row decodes as it does alone (greedy)."""
+    rng = random.Random(shared)
+    context = [rng.randrange(2, 61) for _ in range(shared)]
+    rows = [context + [rng.randrange(2, 61) for _ in range(n)] for n in (3, 1, 5, 2)]
+    if not shared:
+        rows = [[k + 2] + row for k, row in enumerate(rows)]  # nothing in common
+    model = tiny_model(pair_indices=[7, 8])
+    cfg = DecodeConfig(max_new_tokens=6)
+    eos = 9
+    alone = [decode_plain(model, [row], eos_token_id=eos, pad_token_id=0, cfg=cfg).tokens[0][0]
+             for row in rows]
+    together = decode_prefix(model, rows, eos_token_id=eos, pad_token_id=0, cfg=cfg)
+    assert [t[0] for t in together.tokens] == alone
+    assert common_prefix_length(rows) == shared
+    longest = max(len(a) for a in alone)
+    assert together.forward_calls == (1 if shared else 0) + longest  # prefix, questions, steps
+    assert together.new_tokens == sum(len(a) for a in alone)
+
+
+def test_the_common_prefix_leaves_every_row_a_token():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2]]) == 1
+    assert common_prefix_length([[1], [2]]) == 0
+    assert common_prefix_length([[4, 5, 6]]) == 2  # one row: all but its last token is shared

@@ -100,7 +100,7 @@ def test_the_smollm2_experiments_compose(monkeypatch):
                             ("squad_smollm2_joint", "joint", "joint")):
         run = runs[name]
         assert run.collator.format == fmt and run.model.pair_indices == []
-        assert run.pipeline.eval["eval"]["modes"] == [mode]
+        assert run.pipeline.eval["eval"]["modes"][0] == mode
         # The same budget as the columnar model: base, adapter, steps, contexts, seeds.
         assert run.model.lora == main.model.lora and run.trainer == main.trainer
         assert run.pipeline.finetune == main.pipeline.finetune
@@ -121,8 +121,8 @@ def test_a_plain_row_format_on_a_patched_model_is_refused(tmp_path):
 @needs_gguf
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment, modes", [
-    ("squad_smollm2", ["baseline", "batched", "joint", "sequential", "parallel"]),
-    ("squad_smollm2_single", ["baseline"]),
+    ("squad_smollm2", ["baseline", "batched", "prefix", "joint", "sequential", "parallel"]),
+    ("squad_smollm2_single", ["baseline", "prefix"]),
     ("squad_smollm2_joint", ["joint"]),
 ])
 def test_smollm2_experiments_finetune_and_evaluate_end_to_end(experiment, modes, cache, tmp_path):
@@ -135,6 +135,7 @@ def test_smollm2_experiments_finetune_and_evaluate_end_to_end(experiment, modes,
          f"data.test_path={squad}", "pipeline.finetune.trainer.max_steps=2",
          "pipeline.finetune.trainer.save_every=0", "trainer.eval_batches=1",
          f"pipeline.eval.eval.modes=[{','.join(modes)}]", "eval.max_new_tokens=4",
+         "eval.context_stride=1",
          "trainer.progress=false", "logger.mode=disabled", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env={**ENV, "PARADEC_CACHE": str(cache)}, capture_output=True, text=True,
         timeout=900)
@@ -150,6 +151,11 @@ def test_smollm2_experiments_finetune_and_evaluate_end_to_end(experiment, modes,
     if experiment == "squad_smollm2":
         assert report["zero_shot_baseline"]["prompt"] == "chat"
         assert report["baseline"]["prompt"] == "plain"  # the finetuned weights: their format
-    predictions = (run_dir / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in
+                   (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 * len(expected)
+    if "prefix" in modes:  # prefix caching answers exactly as one question at a time does
+        by_mode = {m: {p["id"]: p["prediction"] for p in predictions if p["mode"] == m}
+                   for m in ("prefix", "baseline")}
+        assert by_mode["prefix"] == by_mode["baseline"]
 
