@@ -1,15 +1,19 @@
-"""Training checkpoints: atomic, complete, loadable without pickle.
+"""Training checkpoints: atomic, complete, verified before use, loadable without pickle.
 
-Invariant: a directory named ``checkpoints/step_NNNNNNN`` is always complete. It is written under a
-temporary name and renamed in one step, so a run killed mid-write leaves only a ``.tmp-*``
-directory that :func:`latest_checkpoint` never picks. Weights are safetensors (``save_pretrained``);
-optimizer and scheduler states load with ``torch.load(weights_only=True)``; RNG states, the data
-position, the wandb run id, the resolved config and the git commit are JSON.
+Invariant: a directory named ``checkpoints/step_NNNNNNN`` is complete when written. It is written
+under a temporary name and renamed in one step, so a run killed mid-write leaves only a ``.tmp-*``
+directory that :func:`latest_checkpoint` never picks; its ``manifest.json`` (the size of every
+file, written last) lets a checkpoint damaged afterwards (a truncated or missing file) be found,
+reported by name and skipped for the newest intact one. Weights are safetensors
+(``save_pretrained``); optimizer and scheduler states load with ``torch.load(weights_only=True)``;
+RNG states, the data position, the run id, the wandb run id, the resolved config and the git
+commit are JSON.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -20,6 +24,9 @@ import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -73,6 +80,9 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     state = {**trainer_state, "step": step, "rng": rng_state(), "git_commit": git_commit()}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*"))
+             if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(sizes, indent=1))
     if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -90,9 +100,46 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` against its manifest, or None when intact."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (incomplete, or written by an older paradec)"
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"unreadable manifest.json ({err})"
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    try:
+        return json.loads((Path(path) / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def latest_checkpoint(root: Path, run_id: str | None = None) -> Path | None:
+    """The newest intact checkpoint under ``root`` (of run ``run_id`` when given); a damaged
+    one is reported by name and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+            continue
+        if run_id is not None and checkpoint_run_id(path) != run_id:
+            log.warning("skipping checkpoint %s: it belongs to run %s, not to this run dir's "
+                        "run %s", path, checkpoint_run_id(path), run_id)
+            continue
+        return path
+    return None
 
 
 def load_training_state(path: Path, optimizer, scheduler) -> dict:
@@ -100,6 +147,9 @@ def load_training_state(path: Path, optimizer, scheduler) -> dict:
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a paradec checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint {path} is damaged: {problem}")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())

@@ -9,6 +9,7 @@ dataclasses here are the contract.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -119,7 +120,25 @@ class ModelConfig:
                              "columnar masks)")
         if self.branch_stride < 1:
             raise ValueError(f"model.branch_stride must be >= 1, got {self.branch_stride}")
+        if self.arch != "hub" and self.path is None and self.gguf_file is None:
+            self._check_shapes()
         return self
+
+    def _check_shapes(self) -> None:
+        """Head counts and sizes of a from-scratch preset fit together (else a deep traceback)."""
+        sizes = {key: getattr(self, key) for key in ("hidden_size", "num_layers", "num_heads",
+                                                     "num_kv_heads", "head_dim",
+                                                     "intermediate_size")}
+        for key, value in sizes.items():
+            if value is not None and value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
+        heads, kv = self.num_heads, self.num_kv_heads
+        if heads is not None and kv is not None and heads % kv:
+            raise ValueError(f"model.num_heads={heads} must be a multiple of model.num_kv_heads="
+                             f"{kv} (each key/value head serves a group of query heads)")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even (RoPE rotates pairs), got "
+                             f"{self.head_dim}")
 
 
 @dataclass
@@ -153,6 +172,12 @@ class GenerateConfig:
     def validate(self) -> "GenerateConfig":
         if not self.questions:
             raise ValueError("generate.questions must list at least one question")
+        for i, question in enumerate(self.questions):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"generate.questions[{i}] must be a non-empty string, got "
+                                 f"{question!r}")
+        if not isinstance(self.background, str) or not self.background.strip():
+            raise ValueError("generate.background must be a non-empty string")
         if self.max_new_tokens < 1:
             raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         return self
@@ -195,8 +220,30 @@ def register_configs() -> None:
         cs.store(group="data", name=f"{name}_schema", node=schema)
 
 
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``node`` that its schema does not declare (Hydra's ``+key=value`` adds
+    keys to a typed config; they would otherwise be dropped without a word)."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []  # an untyped mapping (e.g. a pipeline's per-stage section, checked per stage)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if key not in fields:
+            out.append(f"{prefix}{key}")
+        elif isinstance(child, DictConfig) and not child._is_none():
+            out += unknown_keys(child, f"{prefix}{key}.")
+    return out
+
+
 def to_run_config(cfg: DictConfig) -> Config:
     """Resolve the composed config into typed objects and validate every section's values."""
+    unknown = [key for key in unknown_keys(cfg) if not key.startswith("hydra")]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a config key of paradec (a typo?); `python run.py "
+                         f"--cfg job` prints every key" + (f" (also unknown: "
+                         f"{', '.join(unknown[1:])})" if unknown[1:] else ""))
     run: Config = OmegaConf.to_object(cfg)
     for section in (run.stage, run.model, run.collator, run.trainer, run.logger, run.eval,
                     run.generate):

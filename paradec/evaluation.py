@@ -90,6 +90,8 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     prompt: str = "auto"
+    memory_budget_gb: float = 8.0
+
 
     def validate(self) -> "EvalConfig":
         bad = [m for m in self.modes if m not in MODES]
@@ -103,6 +105,8 @@ class EvalConfig:
         if self.prompt not in PROMPT_STYLES:
             raise ValueError(f"eval.prompt must be one of {list(PROMPT_STYLES)}, got "
                              f"{self.prompt!r}")
+        if self.memory_budget_gb <= 0:
+            raise ValueError(f"eval.memory_budget_gb must be > 0, got {self.memory_budget_gb}")
         if self.context_stride < 1:
             raise ValueError(f"eval.context_stride must be >= 1, got {self.context_stride}")
         if self.batch_size < 1:
@@ -215,6 +219,59 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
                         for branch in sample]
         total.merge(result)
     return answers, total
+
+
+def attention_bytes(rows: int, length: int, model_config) -> int:
+    """A bound on what one forward of ``rows`` sequences of ``length`` tokens allocates for
+    attention: the [L, L] mask (bool, and the float copy sdpa makes on CPU), one head's scores
+    per query head in the plain kernel, and the KV cache of every layer (fp32)."""
+    heads = int(getattr(model_config, "num_attention_heads", 1))
+    kv_heads = int(getattr(model_config, "num_key_value_heads", heads) or heads)
+    head_dim = int(getattr(model_config, "head_dim", None)
+                   or model_config.hidden_size // heads)
+    layers = int(model_config.num_hidden_layers)
+    square = length * length * (1 + 4 + 4 * heads)
+    cache = length * 2 * layers * kv_heads * head_dim * 4
+    return rows * (square + cache)
+
+
+def largest_unit(samples: Sequence[BranchSample], mode: str, batch_size: int,
+                 max_new_tokens: int) -> tuple[int, int, int]:
+    """``(rows, tokens per row, sample index)`` of the largest forward a mode makes, bounded from
+    above (every row as long as the longest, decoding included)."""
+    best = (0, 0, 0)
+    for i, s in enumerate(samples):
+        prompts = [len(b.prompt) for b in s.branches]
+        k = len(prompts)
+        if mode == "parallel":
+            unit = (min(batch_size, len(samples)), len(s.background) + sum(prompts)
+                    + k * max_new_tokens)
+        elif mode == "sequential":
+            unit = (batch_size, len(s.background) + max(prompts) + max_new_tokens)
+        elif mode == "joint":
+            unit = (1, len(s.background) + 2 * sum(prompts) + k * (max_new_tokens + 8))
+        else:  # baseline / batched / prefix: a row per question, the context in each
+            rows = 1 if mode == "baseline" else k
+            unit = (rows, len(s.background) + max(prompts) + max_new_tokens)
+        if unit[0] * unit[1] ** 2 > best[0] * best[1] ** 2:
+            best = (*unit, i)
+    return best
+
+
+def check_memory(samples: Sequence[BranchSample], cfg: EvalConfig, model_config) -> None:
+    """Refuse, in one line, an evaluation whose largest forward would exceed
+    ``eval.memory_budget_gb`` (before anything is allocated)."""
+    budget = cfg.memory_budget_gb * 2 ** 30
+    for mode in cfg.modes:
+        rows, length, index = largest_unit(samples, mode, cfg.batch_size, cfg.max_new_tokens)
+        need = attention_bytes(rows, length, model_config)
+        if need > budget:
+            context = samples[index].meta.get("context_id", index)
+            raise ValueError(
+                f"eval.memory_budget_gb={cfg.memory_budget_gb:g}: mode {mode} would need about "
+                f"{need / 2 ** 30:.1f} GiB for context {context} ({rows} x {length} tokens); cut "
+                "long contexts (data.eval_overflow=truncate, data.max_context_tokens), lower "
+                "eval.batch_size, or raise the budget")
 
 
 def answer_text(tokenizer, tokens: list[int]) -> str:

@@ -253,6 +253,71 @@ def saved_columnar_settings(path: str | os.PathLike) -> dict | None:
     return json.loads(config.read_text()).get(CONFIG_KEY) or None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def is_local_path(path: str | os.PathLike) -> bool:
+    """True unless ``path`` can only be a Hub id (``owner/name``, nothing on disk by that name)."""
+    text = str(path)
+    return (Path(text).expanduser().exists() or text.startswith(("/", ".", "~"))
+            or text.count("/") != 1)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be complete (from its header and size), or None."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"truncated: its header needs {8 + n} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its header is not readable"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        return f"truncated: {size} bytes, {8 + n + end} expected"
+    return None
+
+
+def check_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
+    """A local directory that holds a loadable model or adapter, or one line saying what is wrong."""
+    where = Path(path).expanduser()
+    if not where.exists():
+        raise FileNotFoundError(f"{key}={path}: no such directory")
+    if not where.is_dir():
+        raise FileNotFoundError(f"{key}={path}: not a directory")
+    adapter = is_adapter_dir(where)
+    if not adapter and not (where / "config.json").is_file():
+        raise FileNotFoundError(f"{key}={path}: no config.json, so not a saved model")
+    weights = sorted(where.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{key}={path}: no *.safetensors weights")
+    for f in weights:
+        problem = safetensors_problem(f)
+        if problem is not None:
+            raise FileNotFoundError(f"{key}={path}: {f.name} is damaged ({problem})")
+    return where
+
+
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer, where: str) -> None:
+    """Every token id of ``tokenizer`` must have an embedding row in ``model``."""
+    rows = unwrap_model(model).get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embeddings only {rows}; they do not belong together")
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None,
                     trust_remote_code: bool = False, trainable: bool = False):
     """Load a saved model (or a Hub id) and its tokenizer; re-apply a saved 2D RoPE patch.
@@ -266,14 +331,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation:
     if is_adapter_dir(path):
         from peft import PeftModel
 
+        if is_local_path(adapter_base(path)):
+            check_model_dir(adapter_base(path), key=f"the base model of the adapter {path}")
         base, tokenizer = load_pretrained(
             adapter_base(path), dtype=dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-        try:
+        if has_tokenizer_files(path):
             tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            pass
         return model, tokenizer
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -282,10 +347,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     maybe_patch_from_config(model)
-    try:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = None
+    # A local directory without tokenizer files would give an empty tokenizer built from
+    # config.json (and training on it "succeeds" with a zero loss): no tokenizer instead.
+    if not Path(str(path)).expanduser().is_dir() or has_tokenizer_files(path):
+        try:
+            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            tokenizer = None
     return model, tokenizer
 
 
@@ -326,7 +395,20 @@ def load_model(model_cfg: Any):
     kwargs = dict(dtype=_dtype(model_cfg), attn_implementation=_attention(model_cfg),
                   trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)))
     if path is not None:
-        model, tokenizer = load_pretrained(path, **kwargs)
+        if is_local_path(path):
+            check_model_dir(path)
+            model, tokenizer = load_pretrained(path, **kwargs)
+        else:
+            try:
+                model, tokenizer = load_pretrained(path, **kwargs)
+            except OSError as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(f"model.path={path}: not a local directory, and the Hub cannot "
+                                 f"give it ({first})") from None
+        if tokenizer is None:
+            raise ValueError(f"model.path={path}: no tokenizer beside the model (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
+        check_tokenizer_fits(model, tokenizer, f"model.path={path}")
     elif gguf is not None:
         model, tokenizer = load_pretrained(gguf_checkpoint(gguf), **kwargs)
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import models
 from .collator import ColumnarCollator
@@ -30,6 +30,8 @@ log = logging.getLogger("paradec")
 
 def run(cfg: DictConfig):
     """Dispatch on ``stage.name``; exit non-zero with one line on a data or config error."""
+    from .training import Interrupted
+
     try:
         run_cfg = to_run_config(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -38,6 +40,9 @@ def run(cfg: DictConfig):
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 def _run_identity(run: Config) -> tuple[str | None, str | None]:
@@ -170,20 +175,43 @@ def _datasets(run: Config, task, tokenizer):
 
 def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """pretrain / finetune: the one training loop over the stage's data kind."""
-    from .training import Trainer, make_accelerator, resolve_resume, shared_run_dir
+    from . import rundir
+    from .training import make_accelerator, shared_run_dir
 
     adopt_saved_columnar(run)
     check_row_format(run)
     task = load_task(run.data)
     accelerator = make_accelerator(run.trainer)
     run_dir = shared_run_dir(accelerator, run_dir)  # one run dir for all processes
-    resume = resolve_resume(run.trainer.resume, run_dir)
+    # The main process owns the run dir (a lock held for the whole run); the others share it.
+    owner = rundir.lock(run_dir) if accelerator.is_main_process else None
+    try:
+        return _train(run, run_dir, cfg, task, accelerator, owner)
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _train(run: Config, run_dir: Path, cfg: DictConfig, task, accelerator, owner):
+    from .training import Trainer, check_resume_settings, resolve_resume
+
+    owner_id = owner.run_id if owner is not None else None
+    resume = resolve_resume(run.trainer.resume, run_dir, owner_id)
+    own_checkpoint = (resume is not None
+                      and (run_dir / "checkpoints").resolve() in resume.resolve().parents)
+    if owner is not None:
+        owner.start(resuming=own_checkpoint, overwrite=run.trainer.overwrite)
     if resume is not None:
         model, tokenizer = models.load_pretrained(resume / "model", trainable=True)
         # A LoRA base from the Hub or a GGUF does not record the 2D RoPE settings: re-apply them.
         model = models.apply_columnar(model, run.model)
         state = json.loads((resume / "trainer_state.json").read_text())
         wandb_id = state.get("wandb_run_id")
+        changed = check_resume_settings(state.get("config") or {}, _resolved(cfg),
+                                        list(run.trainer.allow_changes), resume)
+        if changed:
+            log.warning("resuming %s with changed settings (trainer.allow_changes): %s", resume,
+                        ", ".join(changed))
     else:
         model, tokenizer = model_for_training(run, task, run_dir)
         wandb_id = None
@@ -199,6 +227,7 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
                           val_data=val_data, collator=collator, cfg=run.trainer, run_dir=run_dir,
                           accelerator=accelerator, tracker=tracker,
                           items_per_sample=items_per_sample, run_config=_resolved(cfg))
+        trainer.run_id = owner.run_id if owner is not None else None
         if resume is not None:
             trainer.resume_from(resume)
         result = trainer.fit()
@@ -215,7 +244,7 @@ def train_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
 def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl."""
-    from .evaluation import evaluate, first_contexts, format_table
+    from .evaluation import check_memory, evaluate, first_contexts, format_table
     from .training import finetuned_format
 
     if not (run.model.path or run.model.gguf_file or run.model.arch == "hub"):
@@ -235,6 +264,7 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
         model.cuda()
     dataset = task.dataset(run.eval.split, tokenizer, "qa", run.collator.max_branches)
     samples = first_contexts(dataset, run.eval.max_samples, run.eval.context_stride)
+    check_memory(samples, run.eval, models.unwrap_model(model).config)
     name, group = _run_identity(run)
     with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
                  name=name, group=group) as tracker:
@@ -264,23 +294,56 @@ def generate_stage(run: Config, run_dir: Path, cfg: DictConfig):
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def stage_config(cfg: DictConfig, stage: str, overrides: dict) -> DictConfig:
+def command_line_keys(cfg: DictConfig) -> dict:
+    """``dotted key -> composed value`` of every ``key=value`` the command line set (not group
+    choices such as ``model=tiny``, not ``hydra.*``); empty outside a Hydra run."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    groups = set(hydra.runtime.choices.keys())
+    out = {}
+    for item in hydra.overrides.task:
+        key, sep, _ = item.lstrip("+").partition("=")
+        if item.startswith("~") or not sep or key in groups or key.split(".")[0] == "hydra":
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = value
+    return out
+
+
+def stage_config(cfg: DictConfig, stage: str, overrides: dict,
+                 pipeline_owned: dict | None = None) -> DictConfig:
     """The pipeline's config as ``stage=<stage>`` would compose it, plus ``overrides``.
 
-    The stage's own file (``conf/stage/<stage>.yaml``) is merged in, so a stage run inside the
-    pipeline has exactly the defaults it has on its own; then the pipeline's per-stage
-    overrides (``pipeline.<stage>``) are applied.
+    In order, each winning over the ones before: the composed config; the stage's own file
+    (``conf/stage/<stage>.yaml``), so a stage run inside the pipeline has exactly the defaults
+    it has on its own; the pipeline's per-stage section (``overrides``, from
+    ``pipeline.<stage>``); every ``key=value`` of the command line, so a key the user set
+    reaches every stage (a ``pipeline.<stage>.<key>`` on the command line wins for its stage;
+    ``data.*`` keys skip a stage on another data task); ``pipeline_owned``, what the pipeline
+    itself chains (the model each stage starts from).
     """
     stage_file = OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml")
     overrides = OmegaConf.create(overrides)
     merged = OmegaConf.merge(cfg, stage_file)
     task = OmegaConf.select(overrides, "data.name")
-    if task is not None and task != merged.data.name:
+    other_task = task is not None and task != merged.data.name
+    if other_task:
         # Another data task for this stage (pretrain on fineweb, finetune on squad): its keys
         # start from conf/data/<name>.yaml, as `data=<name>` would compose them, not from the
         # other task's keys (they would not fit its schema).
         merged.data = data_config(task, key=f"pipeline.{stage}.data.name")
-    return OmegaConf.merge(merged, overrides)
+    merged = OmegaConf.merge(merged, overrides)
+    cli = command_line_keys(cfg)
+    for key, value in cli.items():
+        if key.startswith("pipeline.") or f"pipeline.{stage}.{key}" in cli:
+            continue
+        if other_task and key.startswith("data."):
+            continue
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    return OmegaConf.merge(merged, pipeline_owned or {})
 
 
 def data_config(name: str, key: str = "data.name") -> DictConfig:
@@ -303,7 +366,7 @@ def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
     model_path = run.model.path
     spec = OmegaConf.to_container(cfg.pipeline, resolve=True)
     if not run.pipeline.skip_pretrain:
-        sub = stage_config(cfg, "pretrain", OmegaConf.merge(group, spec["pretrain"]))
+        sub = stage_config(cfg, "pretrain", spec["pretrain"], group)
         model_path = train_stage(to_run_config(sub), run_dir / "pretrain", sub)["model_dir"]
     elif not (model_path or run.model.gguf_file or run.model.arch == models.HUB):
         raise ValueError("pipeline.skip_pretrain=true needs a pretrained model: model.path, "
@@ -312,12 +375,12 @@ def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
     zero_shot = None
     if run.pipeline.zero_shot_modes:  # the starting model, before finetuning, on the same questions
         modes = {"eval": {"modes": list(run.pipeline.zero_shot_modes)}}
-        sub = stage_config(cfg, "eval", OmegaConf.merge(group, start, spec["eval"], modes))
+        sub = stage_config(cfg, "eval", spec["eval"], OmegaConf.merge(group, start, modes))
         zero_shot = eval_stage(to_run_config(sub), run_dir / "zero_shot", sub)
-    sub = stage_config(cfg, "finetune", OmegaConf.merge(group, start, spec["finetune"]))
+    sub = stage_config(cfg, "finetune", spec["finetune"], OmegaConf.merge(group, start))
     model_path = train_stage(to_run_config(sub), run_dir / "finetune", sub)["model_dir"]
-    sub = stage_config(cfg, "eval",
-                       OmegaConf.merge(group, {"model": {"path": model_path}}, spec["eval"]))
+    sub = stage_config(cfg, "eval", spec["eval"],
+                       OmegaConf.merge(group, {"model": {"path": model_path}}))
     report = eval_stage(to_run_config(sub), run_dir / "eval", sub)
     if report is None:  # not the main process
         return None

@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +62,8 @@ class TrainerConfig:
     mixed_precision: str = "auto"
     threads: int = 0
     progress: bool = True
+    overwrite: bool = False
+    allow_changes: list = field(default_factory=list)
 
     def validate(self) -> "TrainerConfig":
         def bad(key, why):
@@ -162,6 +166,7 @@ class Trainer:
             self.optimizer,
             lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.run_id: str | None = None  # the run dir's owner (paradec.rundir); in checkpoints
         self.step = 0
         self._first_batch: str | None = None  # fingerprint of this process's first batch
 
@@ -171,8 +176,11 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def resume_from(self, path: Path) -> None:
-        """Restore everything but the weights (loaded with the model) from checkpoint ``path``."""
+        """Restore everything but the weights (loaded with the model) from checkpoint ``path``;
+        the optimizer settings of this run's config then apply (they equal the checkpoint's
+        unless ``trainer.allow_changes`` lets them differ)."""
         state = ckpt.load_training_state(path, self.optimizer, self.scheduler)
+        apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg)
         self.stream.load_state_dict(state["data"])
         self.collator.load_state_dict(_collator_state_from_json(state["collator"]))
         self.step = int(state["step"])
@@ -195,6 +203,7 @@ class Trainer:
         state = {
             "data": self.stream.state_dict(),
             "collator": _collator_state_to_json(self.collator.state_dict()),
+            "run_id": self.run_id,
             "wandb_run_id": self.tracker.run_id,
             "config": self.run_config,
         }
@@ -272,12 +281,27 @@ class Trainer:
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
     # -- the loop ------------------------------------------------------------------------------
+    def _stop_requested(self, stop: StopSignal) -> bool:
+        """Whether any process received SIGINT / SIGTERM (every process stops at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return stop.signum is not None
+        flag = torch.tensor(float(stop.signum is not None), device=self.accelerator.device)
+        return bool(self._reduce_sum(flag) > 0)
+
     def fit(self) -> TrainResult:
+        with StopSignal() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: "StopSignal") -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (cfg.progress and acc.is_main_process))
         last_loss, val_loss = float("nan"), None
         while self.step < cfg.max_steps:
+            if self._stop_requested(stop):
+                bar.close()
+                path = self.save_checkpoint()
+                raise Interrupted(stop.signum or signal.SIGTERM, self.step, path)
             start = time.perf_counter()
             metrics = self.train_step()
             tokens = metrics.pop("_tokens")
@@ -387,19 +411,125 @@ def finetuned_format(model_path) -> str | None:
     return json.loads(marker.read_text()).get("format")
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """``none`` -> None; ``auto`` -> newest complete checkpoint of this run dir (or None); a path."""
+def apply_optimizer_settings(optimizer, scheduler, cfg: TrainerConfig) -> None:
+    """Set ``cfg``'s peak lr, betas and weight decay on a restored optimizer and schedule (a
+    restored state would otherwise keep the checkpoint's)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["initial_lr"] = cfg.lr
+        if i == 0:  # the matrices; the 1-D parameters never decay (make_optimizer)
+            group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * schedule(scheduler.last_epoch)
+
+
+# Settings a resumed run may change freely: they decide how the run is watched, saved and
+# evaluated, not what it computes.
+FREE_ON_RESUME = ("trainer.resume", "trainer.overwrite", "trainer.allow_changes",
+                  "trainer.progress", "trainer.log_every", "trainer.eval_every",
+                  "trainer.eval_batches", "trainer.save_every", "trainer.keep_checkpoints",
+                  "trainer.threads", "logger.", "eval.", "generate.", "bench.", "pipeline.")
+# Settings a resumed run cannot change: the weights, tokenizer and 2D RoPE come from the checkpoint.
+FIXED_ON_RESUME = ("model.",)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_settings(saved: dict, now: dict, allowed: list, checkpoint: Path) -> list[str]:
+    """The settings that differ between a checkpoint's config and this run's; an error naming
+    them unless every one is free, or allowed by ``trainer.allow_changes`` and applicable.
+    Returns the differing keys that apply (for the log)."""
+    old, new = _flatten(saved or {}), _flatten(now)
+    differ = sorted(k for k in old.keys() | new.keys()
+                    if old.get(k) != new.get(k) and not k.startswith(FREE_ON_RESUME))
+    fixed = [k for k in differ if k.startswith(FIXED_ON_RESUME)]
+    refused = fixed + [k for k in differ if k not in fixed and k not in allowed
+                       and not any(k.startswith(a + ".") for a in allowed)]
+
+    def show(keys):
+        return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6]) + (
+            f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    if fixed:
+        raise ValueError(f"trainer.resume: checkpoint {checkpoint} holds the model, so these "
+                         f"settings cannot change: {show(fixed)}; drop them, or start a new run")
+    if refused:
+        raise ValueError(f"trainer.resume: checkpoint {checkpoint} was trained with other "
+                         f"settings: {show(refused)}; resuming with them changes the run: use the "
+                         f"checkpoint's values, or allow them with trainer.allow_changes=["
+                         f"{','.join(refused)}]")
+    return differ
+
+
+def resolve_resume(resume: str, run_dir: Path, run_id: str | None = None) -> Path | None:
+    """``none`` -> None; ``auto`` -> the newest intact checkpoint of the run that owns this run
+    dir (``run_id``; None = any), or None; a path -> that checkpoint, verified."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        found = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints")
+        found = ckpt.latest_checkpoint(Path(run_dir) / "checkpoints", run_id)
         if found is None:
-            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            log.info("trainer.resume=auto: no intact checkpoint of this run in %s, starting "
+                     "fresh", run_dir)
         return found
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"trainer.resume={resume}: not a checkpoint directory")
+    problem = ckpt.checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"trainer.resume={resume}: the checkpoint is damaged: {problem}")
     return path
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal at a step boundary, after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        name = signal.Signals(self.signum).name
+        where = f"checkpoint {checkpoint}" if checkpoint else "a checkpoint"
+        super().__init__(f"stopped by {name} at step {step}; {where} saved: continue with "
+                         "trainer.resume=auto")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignal:
+    """While active, SIGINT and SIGTERM only record that a stop was asked for; the loop then
+    checkpoints at the next step boundary (in the main thread only, where signals arrive)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint at the end of this step",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def shared_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:

@@ -263,7 +263,8 @@ def test_branch_sweep_one_run_per_job_in_one_wandb_group(tmp_path):
         assert len(ids) == 2
 
     result = write_report(ev)
-    assert {p.name for p in result["images"]} == {"eval_em.png", "eval_speedup.png"}
+    assert {p.name for p in result["images"]} == {"eval_em.png", "eval_speedup.png",
+                                                  "eval_questions_per_s.png"}
     text = (ev / "report.md").read_text()
     assert text.count("| parallel |") == 2 and "| sequential |" in text
     result = write_report(pre)
