@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .benchmark import BenchConfig
 from .collator import CollatorConfig
 from .evaluation import EvalConfig
+from .masks import SUPPORTED_ATTENTION
 from .training import TrainerConfig
 
 STAGES = ("pretrain", "finetune", "eval", "generate", "pipeline", "bench")
@@ -113,11 +114,10 @@ class ModelConfig:
                              "pretrained model")
         if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
             raise ValueError(f"model.gguf_file must name a .gguf file, got {self.gguf_file!r}")
-        impls = ("sdpa", "eager", "flex_attention")
-        if self.attn_implementation not in impls:
-            raise ValueError(f"model.attn_implementation must be one of {list(impls)}, got "
-                             f"{self.attn_implementation!r} (flash_attention_2 cannot take "
-                             "columnar masks)")
+        if self.attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(f"model.attn_implementation must be one of "
+                             f"{list(SUPPORTED_ATTENTION)}, got {self.attn_implementation!r} "
+                             "(flash_attention_2 cannot take columnar masks)")
         if self.branch_stride < 1:
             raise ValueError(f"model.branch_stride must be >= 1, got {self.branch_stride}")
         if self.arch != "hub" and self.path is None and self.gguf_file is None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .layout import IGNORE_INDEX  # noqa: F401  (defined once, in the layout builder)
+
 REDUCTIONS = ("mean", "sum")
 
 

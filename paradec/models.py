@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from .loss import load_balancing_loss
+from .masks import SUPPORTED_ATTENTION
 from .rope import (CONFIG_KEY, columnar_settings, is_patched, maybe_patch_from_config, patch_model,
                    unwrap_model)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB = "hub"
-SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 EOS_TOKEN = "<|endoftext|>"  # end of a text / branch; also the padding token

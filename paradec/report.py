@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from .evaluation import MODES  # noqa: E402
-from .layout import Layout  # noqa: E402
+from .layout import IGNORE_INDEX, Layout  # noqa: E402
 from .masks import columnar_mask  # noqa: E402
 
 MODE_ORDER = MODES
@@ -397,7 +397,7 @@ def plot_layout(layout: Layout, row: int, path, token_text: Callable[[int], str]
     branch = layout.branch[row][:n].tolist()
     ids = layout.input_ids[row][:n].tolist()
     target = layout.is_target[row][:n].tolist()
-    labelled = (layout.labels[row][:n] != -100).tolist()
+    labelled = (layout.labels[row][:n] != IGNORE_INDEX).tolist()
     full_mask = columnar_mask(layout.column[row:row + 1], layout.valid[row:row + 1],
                               layout.branch[row:row + 1], layout.isolate_branches)[0, 0, :n, :n]
     text_of = token_text or str

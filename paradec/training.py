@@ -226,7 +226,7 @@ class Trainer:
                       self._first_batch)
         # Normalise by the target tokens of the whole step on all processes: DDP averages
         # gradients over processes, hence the world-size factor.
-        local_tokens = sum((l.labels != -100).sum() for l in layouts).float()
+        local_tokens = sum((l.labels != IGNORE_INDEX).sum() for l in layouts).float()
         step_tokens = self._reduce_sum(local_tokens.clone()).clamp(min=1)
         scale = acc.num_processes / step_tokens
         self.model.train()
