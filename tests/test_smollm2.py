@@ -95,7 +95,7 @@ def test_the_smollm2_experiments_compose(monkeypatch):
     main = runs["squad_smollm2"]
     assert main.model.name == "smollm2_135m" and main.model.lora.enabled
     assert main.pipeline.zero_shot_modes == ["baseline", "joint"]
-    assert main.model.pair_indices == [15, 16, 17, 18]
+    assert main.model.pair_indices == [] and main.collator.isolate_branches
     for name, fmt, mode in (("squad_smollm2_single", "single", "baseline"),
                             ("squad_smollm2_joint", "joint", "joint")):
         run = runs[name]
