@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from .layout import Branch, BranchSample, build_layout
 from .masks import mask_for_model
 from .models import cache_kwargs, forward_layout
+from .rope import unwrap_model
 
 
 @dataclass
@@ -191,9 +192,12 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
 
 @contextmanager
 def count_forwards(model):
-    """Count the model's top-level forward calls inside the block (for ``generate`` baselines)."""
+    """Count the causal LM's forward calls inside the block (for ``generate`` baselines). The
+    hook sits on the transformers model itself: a peft wrapper's ``generate`` calls that one's
+    forward, never its own."""
     calls = [0]
-    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    handle = unwrap_model(model).register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         yield calls
     finally:

@@ -2,10 +2,9 @@
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,12 +71,11 @@ def cli(*args, run_dir=None, timeout=300, check=True):
     ("eval.modes=[warp]", "eval.modes"),
 ])
 def test_bad_keys_and_values_fail_at_start_naming_the_key(override, key, tmp_path):
-    start = time.time()
     out = cli(*TINY, "trainer.max_steps=1", override, run_dir=tmp_path, check=False)
     assert out.returncode != 0
     assert key in out.stderr + out.stdout
-    assert time.time() - start < 20 + 30  # (20 s on an idle machine; CI may be busy)
-    assert not (tmp_path / "model").exists()
+    # At start-up: before any data, model or step was written.
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_cfg_job_prints_the_composed_config():
@@ -138,25 +136,25 @@ def test_offline_logger_writes_one_wandb_run_per_job(tmp_path):
     assert len(set(ids)) == 2
 
 
-def test_killed_run_resumes_exactly(tmp_path):
-    """SIGKILL mid-run, restart with trainer.resume=auto: the same losses as a run left alone."""
+def test_a_run_cut_after_a_checkpoint_resumes_exactly(tmp_path):
+    """A run left as a SIGKILL at step 5 leaves it (checkpoint 3 complete, checkpoint 6 half
+    written, metrics up to step 5, no model) continues with trainer.resume=auto to the same
+    losses as a run left alone. The cut is made on disk, so nothing depends on timing."""
     args = ["stage=pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=3",
-            "trainer.eval_every=5", "trainer.warmup_steps=2", "trainer.threads=1"]
-    alone = tmp_path / "alone"
+            "trainer.eval_every=5", "trainer.warmup_steps=2", "trainer.threads=1",
+            "trainer.keep_checkpoints=5"]
+    alone, cut = tmp_path / "alone", tmp_path / "cut"
     cli(*args, run_dir=alone)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={killed}"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "step_0000003").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the end"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = read_metrics(killed)
-    assert max(done) < 10, "the run finished before it was killed"
-    cli(*args, "trainer.resume=auto", run_dir=killed)
-    want, got = read_metrics(alone), read_metrics(killed)
+    cli(*args, run_dir=cut)
+    checkpoints = cut / "checkpoints"
+    (checkpoints / "step_0000006").rename(checkpoints / ".tmp-step_0000006")  # mid-write
+    shutil.rmtree(checkpoints / "step_0000009")
+    shutil.rmtree(cut / "model")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= 5]
+    (cut / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    cli(*args, "trainer.resume=auto", run_dir=cut)
+    want, got = read_metrics(alone), read_metrics(cut)
     assert sorted(got) == list(range(1, 11))
     for step in range(4, 11):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], abs=1e-5), step

@@ -190,3 +190,15 @@ def test_the_common_prefix_leaves_every_row_a_token():
     assert common_prefix_length([[1, 2, 3], [1, 2]]) == 1
     assert common_prefix_length([[1], [2]]) == 0
     assert common_prefix_length([[4, 5, 6]]) == 2  # one row: all but its last token is shared
+
+
+def test_plain_decoding_counts_the_forwards_of_a_lora_model_too():
+    from paradec.models import add_lora
+
+    model = tiny_model()
+    lora = add_lora(tiny_model(), {"r": 2, "alpha": 4, "target_modules": ["q_proj"]}, "base")
+    rows = [[3, 4, 5, 6]]
+    cfg = DecodeConfig(max_new_tokens=5, ignore_eos=True)
+    plain = decode_plain(model, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)
+    wrapped = decode_plain(lora, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)
+    assert plain.forward_calls == wrapped.forward_calls == 5  # one per new token
