@@ -146,13 +146,20 @@ def find_jobs(root: str | os.PathLike) -> list[Job]:
     return sorted(jobs, key=lambda j: _sort_key(j.path.relative_to(root)))
 
 
+# Overrides that say where a run is or how it was started, not what was compared: they never make
+# a variant (the branch count is plotted on x, the mode is the line).
+NOT_A_VARIANT = (BRANCH_KEY, "hydra.run.dir", "hydra.sweep.dir", "trainer.resume", "model.path",
+                 "data.path", "data.eval_path", "data.test_path", "stage", "eval.modes")
+
+
 def variant_labels(jobs: Sequence[Job]) -> dict[str, str]:
-    """Per job, the overrides that differ between jobs, except the branch count (plotted on x)."""
+    """Per job, the overrides that differ between jobs, except those in ``NOT_A_VARIANT`` and
+    a pipeline's per-stage sections (so a stage=eval sweep lines up with its pipeline's eval)."""
     def items(job):
         out = {}
         for o in job.overrides:
             key, _, value = o.lstrip("+~").partition("=")
-            if key not in (BRANCH_KEY, "hydra.run.dir", "hydra.sweep.dir"):
+            if key not in NOT_A_VARIANT and not key.startswith("pipeline."):
                 out[key] = value
         return out
 
