@@ -249,7 +249,9 @@ def largest_unit(samples: Sequence[BranchSample], mode: str, batch_size: int,
         elif mode == "sequential":
             unit = (batch_size, len(s.background) + max(prompts) + max_new_tokens)
         elif mode == "joint":
-            unit = (1, len(s.background) + 2 * sum(prompts) + k * (max_new_tokens + 8))
+            # the questions and their numbering, then K numbered answers (run_mode's budget)
+            unit = (1, len(s.background) + 2 * sum(prompts)
+                    + k * (max_new_tokens + JOINT_LINE_TOKENS))
         else:  # baseline / batched / prefix: a row per question, the context in each
             rows = 1 if mode == "baseline" else k
             unit = (rows, len(s.background) + max(prompts) + max_new_tokens)
