@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: install demo test bench-layout clean
+.PHONY: install demo test lint bench-layout clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install
 TEST_ARGS ?= -m "not slow"
 test: install
 	$(OFFLINE) $(PY) -m pytest -q $(TEST_ARGS)
+
+# The linter (settings in pyproject.toml); CI runs it before the tests.
+lint: install
+	$(PY) -m ruff check .
 
 bench-layout: install
 	$(PY) -m paradec.bench layout

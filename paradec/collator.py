@@ -2,7 +2,7 @@
 
 Invariant: the collator only groups and draws the random choices (branch counts, time offsets);
 every position, label and order comes from :func:`paradec.layout.build_layout`, the one layout
-builder. Its settings are :class:`CollatorConfig`, the schema of the one config group
+builder. Its settings are :class:`paradec.config.CollatorConfig`, the schema of the one config group
 ``conf/collator/`` that every stage composes, so training and evaluation can never disagree.
 
 Items may be
@@ -17,76 +17,10 @@ Items may be
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-from .layout import ALIGNMENTS, LOSS_ON, Branch, BranchSample, Layout, build_layout
-
-
-# How a random branch count k in [min, max] is drawn: "sample" gives every k the same share of
-# samples; "question" the same share of branches (P(k) proportional to 1/k), so that one-branch
-# samples (sequential decoding) are trained on as many questions as full ones (parallel decoding).
-COUNT_WEIGHTINGS = ("sample", "question")
-# How a ready sample becomes training rows: "columnar" = its branches side by side (one row);
-# "single" = one plain row per branch, the background copied into each; "joint" = one plain row
-# with every question numbered in the prompt and every answer numbered in the target. The last
-# two train the unpatched contenders (model.pair_indices=[]) on the same contexts and questions
-# as the columnar model, drawn by the same seeded stream (paradec.prompts builds the rows).
-FORMATS = ("columnar", "single", "joint")
-
-
-@dataclass
-class CollatorConfig:
-    """Defaults here mirror ``conf/collator/default.yaml`` (the documented copy users edit)."""
-
-    branches_per_sample: int = 4
-    min_branches_per_sample: Optional[int] = None
-    max_branches_per_sample: Optional[int] = None
-    count_weighting: str = "sample"
-    format: str = "columnar"
-    align_to: str = "left"
-    interleave_branches: bool = True
-    branch_stride: int = 128
-    random_time_offset: int = 0
-    pad_to: Optional[int] = None
-    loss_on: str = "target"
-    isolate_branches: bool = False
-    seed: int = 0
-
-    def validate(self) -> "CollatorConfig":
-        """Raise a ValueError naming the ``collator.*`` key of any bad value."""
-        def bad(key, why):
-            raise ValueError(f"collator.{key}: {why}")
-
-        if self.branches_per_sample < 1:
-            bad("branches_per_sample", f"must be >= 1, got {self.branches_per_sample}")
-        lo, hi = self.min_branches_per_sample, self.max_branches_per_sample
-        if (lo is None) != (hi is None):
-            bad("min_branches_per_sample" if lo is None else "max_branches_per_sample",
-                "set both min_branches_per_sample and max_branches_per_sample, or neither")
-        if lo is not None and not 1 <= lo <= hi:
-            bad("min_branches_per_sample", f"need 1 <= min <= max, got min={lo}, max={hi}")
-        if self.count_weighting not in COUNT_WEIGHTINGS:
-            bad("count_weighting", f"must be one of {list(COUNT_WEIGHTINGS)}, "
-                f"got {self.count_weighting!r}")
-        if self.format not in FORMATS:
-            bad("format", f"must be one of {list(FORMATS)}, got {self.format!r}")
-        if self.align_to not in ALIGNMENTS:
-            bad("align_to", f"must be one of {list(ALIGNMENTS)}, got {self.align_to!r}")
-        if self.loss_on not in LOSS_ON:
-            bad("loss_on", f"must be one of {list(LOSS_ON)}, got {self.loss_on!r}")
-        if self.branch_stride < 1:
-            bad("branch_stride", f"must be >= 1, got {self.branch_stride}")
-        if self.random_time_offset < 0:
-            bad("random_time_offset", f"must be >= 0 (0 = off), got {self.random_time_offset}")
-        if self.pad_to is not None and self.pad_to < 1:
-            bad("pad_to", f"must be a positive length or null, got {self.pad_to}")
-        return self
-
-    @property
-    def max_branches(self) -> int:
-        """The most branches one sample can have under these settings."""
-        return self.max_branches_per_sample or self.branches_per_sample
+from .config import CollatorConfig
+from .layout import Branch, BranchSample, Layout, build_layout
 
 
 def _as_branch(item: Any) -> Branch:

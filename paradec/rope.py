@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .layout import BRANCH_STRIDE
+
 CONFIG_KEY = "columnar"
 # RoPE types whose frequencies depend on the sequence length seen in the forward call: with column
 # positions that "length" is meaningless, and they rewrite ``inv_freq`` behind our back.
@@ -192,7 +194,7 @@ def branch_step_angles(model_or_inv_freq, branch_stride: int) -> torch.Tensor:
     return branch_stride * inv_freq.float()
 
 
-def suggest_pair_indices(model_or_inv_freq, branch_stride: int = 128, n_pairs: int = 4,
+def suggest_pair_indices(model_or_inv_freq, branch_stride: int = BRANCH_STRIDE, n_pairs: int = 4,
                          min_angle: float = 0.25) -> list[int]:
     """The ``n_pairs`` lowest-frequency pairs that still turn >= ``min_angle`` per branch step.
 

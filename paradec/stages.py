@@ -204,7 +204,7 @@ def _train(run: Config, run_dir: Path, cfg: DictConfig, task, accelerator, owner
     if resume is not None:
         model, tokenizer = models.load_pretrained(resume / "model", trainable=True)
         # A LoRA base from the Hub or a GGUF does not record the 2D RoPE settings: re-apply them.
-        model = models.apply_columnar(model, run.model)
+        model = models.apply_columnar(model, run.model.pair_indices, run.model.branch_stride)
         state = json.loads((resume / "trainer_state.json").read_text())
         wandb_id = state.get("wandb_run_id")
         changed = check_resume_settings(state.get("config") or {}, _resolved(cfg),
@@ -277,18 +277,18 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
 
 def bench_stage(run: Config, run_dir: Path, cfg: DictConfig):
-    """Speed and memory of parallel decoding, measured side by side (paradec/benchmark.py)."""
-    from .benchmark import run_benchmarks
+    """Speed and memory of parallel decoding, measured side by side (paradec/bench/)."""
+    from .bench.stage import run_benchmarks
 
     return run_benchmarks(run, run_dir, cfg)
 
 
 def generate_stage(run: Config, run_dir: Path, cfg: DictConfig):
-    """The demo: the layout table, then the answers as they are decoded (paradec/demo.py)."""
-    from .demo import generate_stage as demo
+    """The layout table, then the answers as they are decoded (paradec/generate.py)."""
+    from .generate import generate
 
     adopt_saved_columnar(run)
-    return demo(run, run_dir, cfg)
+    return generate(run, run_dir)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -334,7 +334,7 @@ def stage_config(cfg: DictConfig, stage: str, overrides: dict,
         # Another data task for this stage (pretrain on fineweb, finetune on squad): its keys
         # start from conf/data/<name>.yaml, as `data=<name>` would compose them, not from the
         # other task's keys (they would not fit its schema).
-        merged.data = data_config(task, key=f"pipeline.{stage}.data.name")
+        merged.data = data_preset(task, key=f"pipeline.{stage}.data.name")
     merged = OmegaConf.merge(merged, overrides)
     cli = command_line_keys(cfg)
     for key, value in cli.items():
@@ -346,7 +346,7 @@ def stage_config(cfg: DictConfig, stage: str, overrides: dict,
     return OmegaConf.merge(merged, pipeline_owned or {})
 
 
-def data_config(name: str, key: str = "data.name") -> DictConfig:
+def data_preset(name: str, key: str = "data.name") -> DictConfig:
     """``conf/data/<name>.yaml`` on its typed schema, as ``data=<name>`` composes it."""
     from .tasks import DATA_SCHEMAS
 

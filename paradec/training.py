@@ -20,68 +20,24 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+
+from accelerate import Accelerator
 
 from . import checkpoint as ckpt
 from .batches import BatchStream, fixed_batches
 from .collator import ColumnarCollator
+from .config import TrainerConfig
 from .loss import IGNORE_INDEX, columnar_loss
 from .models import forward_layout, save_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainerConfig:
-    """Schema of ``conf/trainer/default.yaml`` (defaults documented there)."""
-
-    max_steps: int = 300
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: str = "none"
-    log_every: int = 1
-    mixed_precision: str = "auto"
-    threads: int = 0
-    progress: bool = True
-    overwrite: bool = False
-    allow_changes: list = field(default_factory=list)
-
-    def validate(self) -> "TrainerConfig":
-        def bad(key, why):
-            raise ValueError(f"trainer.{key}: {why}")
-
-        for key in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            bad("lr", f"must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        for key in ("warmup_steps", "eval_every", "save_every", "eval_batches", "threads"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            bad("mixed_precision", f"must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        return self
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -226,7 +182,7 @@ class Trainer:
                       self._first_batch)
         # Normalise by the target tokens of the whole step on all processes: DDP averages
         # gradients over processes, hence the world-size factor.
-        local_tokens = sum((l.labels != IGNORE_INDEX).sum() for l in layouts).float()
+        local_tokens = sum((lay.labels != IGNORE_INDEX).sum() for lay in layouts).float()
         step_tokens = self._reduce_sum(local_tokens.clone()).clamp(min=1)
         scale = acc.num_processes / step_tokens
         self.model.train()
@@ -252,7 +208,7 @@ class Trainer:
         mean_loss = self._reduce_sum(loss_sum) / step_tokens
         return {"train/loss": float(mean_loss), "train/lr": lr,
                 "train/grad_norm": float(grad_norm), "train/target_tokens": int(step_tokens),
-                "_tokens": int(sum(l.valid.sum() for l in layouts)) * acc.num_processes}
+                "_tokens": int(sum(lay.valid.sum() for lay in layouts)) * acc.num_processes}
 
     @torch.no_grad()
     def validate(self) -> dict:

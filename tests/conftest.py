@@ -7,7 +7,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gzip  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+from paradec.models import train_tokenizer  # noqa: E402
 
 TOKENIZER_CORPUS = [
     "The quick brown fox jumps over the lazy dog. Architecturally, the school has a Catholic "
@@ -19,27 +24,15 @@ TOKENIZER_CORPUS = [
 ] * 20
 
 
-def _train_tokenizer(texts, vocab_size):
-    try:
-        from paradec.models import train_tokenizer
-    except ImportError:  # fallback: a tiny byte-level BPE straight from `tokenizers`
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        def train_tokenizer(texts, vocab_size):
-            tok = Tokenizer(models.BPE())
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                          show_progress=False)
-            tok.train_from_iterator(texts, trainer)
-            return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                           pad_token="<|endoftext|>")
-    return train_tokenizer(texts, vocab_size)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     """A small byte-level BPE tokenizer (eos = pad = <|endoftext|>), trained on a few sentences."""
-    return _train_tokenizer(TOKENIZER_CORPUS, 400)
+    return train_tokenizer(TOKENIZER_CORPUS, 400)
+
+
+def write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (gzipped when the name ends in .gz); returns the path."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    return path

@@ -6,8 +6,14 @@ import random
 import pytest
 import torch
 
-from paradec.decoding import (DecodeConfig, common_prefix_length, decode_columnar, decode_plain,
-                              decode_prefix, prompts_only)
+from paradec.config import DecodeConfig
+from paradec.decoding import (
+    common_prefix_length,
+    decode_columnar,
+    decode_plain,
+    decode_prefix,
+    prompts_only,
+)
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.models import forward_layout
 from tests.tiny import tiny_model
@@ -161,7 +167,7 @@ def test_bad_decode_settings():
     with pytest.raises(ValueError, match="eval.max_new_tokens"):
         DecodeConfig(max_new_tokens=0).validate()
     with pytest.raises(ValueError, match="top_p"):
-        DecodeConfig(top_p=0).validate()
+        DecodeConfig(max_new_tokens=1, top_p=0).validate()
 
 
 @pytest.mark.parametrize("shared", [12, 0])

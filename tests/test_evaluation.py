@@ -4,9 +4,15 @@ import json
 
 import pytest
 
-from paradec.collator import CollatorConfig
-from paradec.evaluation import (EvalConfig, best_score, evaluate, exact_match, f1_score,
-                                format_table, normalize_answer)
+from paradec.config import CollatorConfig, EvalConfig
+from paradec.evaluation import (
+    best_score,
+    evaluate,
+    exact_match,
+    f1_score,
+    format_table,
+    normalize_answer,
+)
 from paradec.layout import Branch, BranchSample
 
 
@@ -74,7 +80,7 @@ def test_evaluate_writes_every_question_once_per_mode(tmp_path):
         assert row["n_questions"] == 3 and 0 <= row["em"] <= 1 and 0 <= row["f1"] <= 1
         assert {"wall_s", "questions_per_s", "new_tokens", "forward_calls",
                 "peak_kv_tokens"} <= set(row)
-    lines = [json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     for mode in cfg.modes:
         ids = sorted(r["id"] for r in lines if r["mode"] == mode)
         assert ids == ["q1", "q2", "q3"]

@@ -18,14 +18,17 @@ import torch
 
 from paradec import checkpoint as ckpt
 from paradec import models, rundir
-from paradec.config import GenerateConfig, to_run_config
-from paradec.evaluation import EvalConfig, check_memory
+from paradec.config import EvalConfig, GenerateConfig, TrainerConfig, to_run_config
+from paradec.evaluation import check_memory
 from paradec.layout import Branch, BranchSample
-from paradec.training import (TrainerConfig, apply_optimizer_settings, check_resume_settings,
-                              lr_lambda, make_optimizer)
+from paradec.training import (
+    apply_optimizer_settings,
+    check_resume_settings,
+    lr_lambda,
+    make_optimizer,
+)
 from tests.test_cli import ENV, ROOT, TINY, cli, compose_run, read_metrics
 from tests.tiny import tiny_model
-
 
 # --- run directories ------------------------------------------------------------------------
 

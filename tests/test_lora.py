@@ -4,15 +4,15 @@ and save / load / merge round trips give identical logits."""
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
+from accelerate import Accelerator
 from paradec import models
 from paradec.collator import ColumnarCollator
-from paradec.config import LoraSettings
+from paradec.config import LoraSettings, TrainerConfig
 from paradec.layout import build_layout
 from paradec.masks import columnar_mask
 from paradec.models import forward_layout
-from paradec.training import Trainer, TrainerConfig
+from paradec.training import Trainer
 from tests.test_training_parts import NullTracker, qa_items
 from tests.tiny import tiny_model
 

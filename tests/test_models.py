@@ -13,9 +13,18 @@ import torch.nn.functional as F
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.loss import columnar_loss, load_balancing_loss
 from paradec.masks import mask_for_model
-from paradec.models import (apply_columnar, build_model, cache_kwargs, count_parameters,
-                            forward_layout, load_model, load_pretrained, load_preset, save_model,
-                            train_tokenizer)
+from paradec.models import (
+    apply_columnar,
+    build_model,
+    cache_kwargs,
+    count_parameters,
+    forward_layout,
+    load_model,
+    load_preset,
+    load_pretrained,
+    save_model,
+    train_tokenizer,
+)
 from paradec.rope import columnar_settings, is_patched
 from tests.test_rope import SMALL, small_model
 
@@ -179,7 +188,7 @@ def test_peft_lora_keeps_columnar_rotary(tmp_path):
         got = forward_layout(lora, lay).logits  # LoRA B = 0 at init: same function
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     with torch.no_grad():  # not vacuous: the same LoRA model with the pairs unrotated differs
-        apply_columnar(lora, {"pair_indices": [2, 6]})  # same settings: accepted
+        apply_columnar(lora, [2, 6], 128)  # same settings: accepted
         from paradec.rope import patch_model
         patch_model(lora, [], 128)
         assert (forward_layout(lora, lay).logits - expected).abs().max() > 1e-2
@@ -257,6 +266,7 @@ def test_unknown_preset_and_bad_attention():
 
 def test_moe_forward_with_aux_loss():
     model, _ = build_model({**SMALL, "arch": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                                  "router_aux_loss_coef": 0.01,
                             "moe_intermediate_size": 64, "pair_indices": [2]})
     lay = build_layout(random_samples(seed=5), pad_to=32)
     out = forward_layout(model.train(), lay)
@@ -288,8 +298,8 @@ def test_the_cache_goes_under_the_name_the_models_forward_declares(recwarn):
     goes away): paradec passes whichever name the model's forward declares, through peft too."""
     import inspect
 
-    from paradec.config import LoraSettings
-    from paradec.decoding import DecodeConfig, decode_columnar
+    from paradec.config import DecodeConfig, LoraSettings
+    from paradec.decoding import decode_columnar
     from paradec.models import add_lora
 
     class OlderApi(torch.nn.Module):  # earlier 5.x releases and remote-code models

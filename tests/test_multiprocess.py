@@ -78,7 +78,7 @@ def test_two_processes_train_one_run(two_process_run):
     # One metrics.jsonl, one record per step; one wandb run with those steps.
     metrics = read_metrics(run)
     assert sorted(metrics) == [1, 2, 3]
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "train/loss" in r]) == 3
     assert "val/loss" in metrics[2] and "val/loss" in metrics[3]
     (wb,) = wandb_runs(run)
@@ -101,4 +101,4 @@ def test_two_processes_evaluate_once(two_process_run, tmp_path):
                                                                 "parallel"]
     assert len(wandb_runs(ev)) == 1
     lines = (ev / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == len({(json.loads(l)["id"], json.loads(l)["mode"]) for l in lines})
+    assert len(lines) == len({(json.loads(line)["id"], json.loads(line)["mode"]) for line in lines})

@@ -4,13 +4,20 @@ import copy
 
 import pytest
 
-from paradec.collator import ColumnarCollator, CollatorConfig
-from paradec.evaluation import EvalConfig, evaluate, prompt_style, run_mode
-from paradec.decoding import DecodeConfig
+from paradec.collator import ColumnarCollator
+from paradec.config import CollatorConfig, DecodeConfig, EvalConfig
+from paradec.evaluation import evaluate, prompt_style, run_mode
 from paradec.layout import Branch, BranchSample
-from paradec.prompts import (JOINT_ANSWERS, JOINT_QUESTIONS, chat_ids, joint_prompt,
-                             joint_training_sample, parse_joint, single_prompts,
-                             single_training_samples)
+from paradec.prompts import (
+    JOINT_ANSWERS,
+    JOINT_QUESTIONS,
+    chat_ids,
+    joint_prompt,
+    joint_training_sample,
+    parse_joint,
+    single_prompts,
+    single_training_samples,
+)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"

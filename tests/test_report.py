@@ -1,19 +1,13 @@
-"""paradec.report: offline plots and tables of runs and sweeps, and the layout picture."""
+"""paradec.report: offline plots and tables of runs and sweeps."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from paradec.layout import Branch, BranchSample, build_layout
-from paradec.masks import columnar_mask
-from paradec.report import (design_example, find_jobs, main, plot_layout, speedups,
-                            variant_labels, write_report)
-from tests.test_cli import ENV, ROOT
+from paradec.report import find_jobs, main, speedups, variant_labels, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +87,7 @@ def test_report_of_a_branch_sweep(branch_sweep):
         assert image.read_bytes()[:8] == PNG
         assert mpimg.imread(image).shape[1] > 600
     text = (branch_sweep / "report.md").read_text()
-    rows = [l for l in text.splitlines() if l.startswith("| ") and "| parallel |" in l]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "| parallel |" in line]
     assert len(rows) == 4
     assert rows[2].split(" | ")[1:3] == ["4", "-"]  # run 2: 4 branches, no other variant
     assert "| 4.00 |" in rows[2]  # 40 questions/s over sequential's 10
@@ -143,33 +137,7 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
     assert "no eval.json" in capsys.readouterr().err
 
 
-def test_plot_layout_of_the_design_example(tmp_path):
-    layout, names = design_example("right")
-    assert [names(t) for t in layout.input_ids[0].tolist()] == [
-        "b0", "b1", "b2", "p10", "p11", "p20", "t10", "t20", "t11", "t21", "t22"]
-    path = plot_layout(layout, 0, tmp_path / "layout.png", token_text=names)
-    assert path.read_bytes()[:8] == PNG
-    assert mpimg.imread(path).shape[0] > 400
-
-
-def test_plot_layout_of_a_padded_row_with_a_long_background(tmp_path):
-    samples = [BranchSample(list(range(1, 4)), [Branch([5], [6])]),
-               BranchSample(list(range(1, 41)), [Branch([50, 51], [52, 53, 54]),
-                                                 Branch([60], [61]), Branch([], [70, 71])])]
-    layout = build_layout(samples, align_to="left", interleave=False)
-    layout.isolate_branches = True
-    for row in (0, 1):
-        path = plot_layout(layout, row, tmp_path / f"row{row}.png")
-        assert path.read_bytes()[:8] == PNG
-    # plot_layout draws paradec.masks.columnar_mask; check the rule it shows on this row.
-    mask = columnar_mask(layout.column, layout.valid, layout.branch, True)[1, 0]
-    assert not mask[layout.branch[1] == 2][:, layout.branch[1] == 1].any()
-
-
-def test_cli_layout_demo_and_report(tmp_path, branch_sweep):
-    out = subprocess.run([sys.executable, "-m", "paradec.report", str(branch_sweep),
-                          "--layout-demo", str(tmp_path / "demo.png"), "--align", "left"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG
-    assert "| parallel |" in out.stdout and (branch_sweep / "report.md").is_file()
+def test_cli_report(branch_sweep, capsys):
+    """``python -m paradec.report <sweep>``, in-process: the table printed and report.md written."""
+    assert main([str(branch_sweep)]) == 0
+    assert "| parallel |" in capsys.readouterr().out and (branch_sweep / "report.md").is_file()

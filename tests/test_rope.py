@@ -16,12 +16,18 @@ import torch
 
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.models import build_model, forward_layout
-from paradec.rope import (ColumnarRotaryEmbedding, columnar_settings, is_patched,
-                          maybe_patch_from_config, patch_model, suggest_pair_indices)
+from paradec.rope import (
+    ColumnarRotaryEmbedding,
+    columnar_settings,
+    is_patched,
+    maybe_patch_from_config,
+    patch_model,
+    suggest_pair_indices,
+)
 
 SMALL = dict(name="test", arch="qwen3", vocab_size=97, hidden_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=16, intermediate_size=128, rope_theta=10000.0,
-             initializer_range=0.2, pair_indices=[], branch_stride=128,
+             max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.2, pair_indices=[], branch_stride=128,
              attn_implementation="sdpa", dtype="float32", seed=0)
 
 

@@ -13,7 +13,6 @@ import torch
 
 from paradec import models
 from paradec.rope import suggest_pair_indices
-
 from tests.test_cli import ENV, ROOT, compose_run
 from tests.test_tasks_squad import official
 

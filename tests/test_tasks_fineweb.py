@@ -1,6 +1,5 @@
 """data=fineweb: local formats, chunking, held-out split, streaming, real files."""
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -10,16 +9,10 @@ import pytest
 from paradec.collator import ColumnarCollator
 from paradec.layout import Branch
 from paradec.tasks import load_task
-from paradec.tasks.fineweb import chunk_documents
+from paradec.tasks.text import chunk_documents
+from tests.conftest import write
 
 DOCS = [f"Document {i}. " + " ".join(f"word{i}x{j}" for j in range(5 + 7 * i)) for i in range(12)]
-
-
-def write(path: Path, text: str) -> Path:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def write_docs(path: Path, docs=DOCS, field="text") -> Path:

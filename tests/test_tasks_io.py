@@ -11,17 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from paradec.tasks import DATA_SCHEMAS, DataError, data_config, load_task
+from tests.conftest import write
 
 from .test_tasks_squad import NORMANS, official
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-
-
-def write(path: Path, text: str) -> Path:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def build(task: str, path: Path, split: str, tokenizer, tmp_path):
@@ -134,13 +128,13 @@ def test_answer_start_mismatch_evaluation_fails(tokenizer, tmp_path):
 # --- configs --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(DATA_SCHEMAS))
-def test_yaml_equals_schema_defaults(name):
-    """The YAML users edit and the dataclass Hydra validates with say the same thing."""
+def test_data_file_composes_to_the_schema_defaults(name):
+    """A data file selects its schema, whose dataclass holds every default (stated once)."""
     raw = OmegaConf.load(CONF / f"{name}.yaml")
     assert OmegaConf.to_container(raw)["defaults"] == [f"{name}_schema", "_self_"]
-    values = OmegaConf.to_container(raw)
-    values.pop("defaults")
-    assert values == dataclasses.asdict(DATA_SCHEMAS[name]())
+    raw.pop("defaults")
+    composed = OmegaConf.merge(OmegaConf.structured(DATA_SCHEMAS[name]), raw)
+    assert OmegaConf.to_container(composed) == dataclasses.asdict(DATA_SCHEMAS[name]())
     first = (CONF / f"{name}.yaml").read_text().splitlines()[0]
     assert first.startswith("# python run.py") and f"data={name}" in first
 

@@ -1,6 +1,5 @@
 """data=squad: questions grouped by context, templates, truncation, formats, splits, real counts."""
 
-import gzip
 import json
 import logging
 import os
@@ -10,6 +9,7 @@ import pytest
 
 from paradec.layout import BranchSample, build_layout
 from paradec.tasks import DataError, load_task
+from tests.conftest import write
 
 # --- fixtures in the official formats ------------------------------------------------------------
 
@@ -54,13 +54,6 @@ def as_rows(doc):
              "answers": {"text": [a["text"] for a in q["answers"]],
                          "answer_start": [a["answer_start"] for a in q["answers"]]}}
             for art in doc["data"] for p in art["paragraphs"] for q in p["qas"]]
-
-
-def write(path: Path, text: str) -> Path:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def squad_task(tmp_path, doc=None, name="train.json", **cfg):

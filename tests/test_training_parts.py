@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
 
+from accelerate import Accelerator
 from paradec import checkpoint as ckpt
 from paradec.batches import BatchStream
 from paradec.collator import ColumnarCollator
+from paradec.config import TrainerConfig
 from paradec.layout import Branch, BranchSample
-from paradec.training import Trainer, TrainerConfig, lr_lambda, resolve_resume
+from paradec.training import Trainer, lr_lambda, resolve_resume
 from tests.tiny import tiny_model
 
 
@@ -134,7 +135,8 @@ def test_labelled_loss_matches_the_loss_over_full_logits(tmp_path, arch):
     from paradec.models import add_lora, forward_layout
     from paradec.training import labelled_loss
 
-    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32) \
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+               router_aux_loss_coef=0.01) \
         if arch == "qwen3_moe" else {}
     model = tiny_model("qwen3" if arch == "lora" else arch, pair_indices=[7, 8], seed=3, **moe)
     if arch == "lora":

@@ -24,7 +24,8 @@ from typing import Any, Iterator, Protocol, Union
 
 from .fineweb import FinewebDataConfig, FinewebTask
 from .io import DataError
-from .squad import QATemplate, SquadDataConfig, SquadTask
+from .qa import QATemplate
+from .squad import SquadDataConfig, SquadTask
 from .synthetic import SyntheticDataConfig, SyntheticTask
 
 DATA_SCHEMAS = {

@@ -18,8 +18,7 @@ Invariants:
 
 Sources: the Hub (``rajpurkar/squad``, ``rajpurkar/squad_v2``) or local files in the official SQuAD
 JSON format (v1.1, v2.0; ``.json`` or ``.json.gz``) or the Hub's row format (``.parquet``,
-``.jsonl``). The QA encoding here (:class:`QATemplate`, :func:`encode_qa`) is shared with
-data=synthetic.
+``.jsonl``). The QA encoding is :mod:`paradec.tasks.qa`'s, shared with data=synthetic.
 """
 
 from __future__ import annotations
@@ -27,15 +26,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-import numpy as np
-import torch
-
-from ..layout import Branch, BranchSample
-from .fineweb import TextChunks, chunk_documents, eos_id, special_prefix, tokenize
-from .io import (DataError, check_kind, check_split, expand_paths, file_format, iter_records,
-                 read_json, stable_fraction)
+from .io import (
+    DataError,
+    check_kind,
+    check_split,
+    expand_paths,
+    file_format,
+    iter_records,
+    read_json,
+    stable_fraction,
+)
+from .qa import Context, QADataset, QATemplate, Question, encode_qa
+from .text import TextChunks, chunk_documents, eos_id, special_prefix, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -43,71 +47,24 @@ EVAL_OVERFLOW = ("keep", "truncate", "error")
 
 
 @dataclass
-class QATemplate:
-    """How a context, a question and an answer become text. Keep prompts short."""
-
-    background: str = "{context}"  # may also use {title}
-    question: str = "\nQ: {question}\nA:"
-    answer: str = " {answer}"
-
-    def validate(self) -> "QATemplate":
-        fields = {"background": ("context", "title"), "question": ("question",),
-                  "answer": ("answer",)}
-        for name, allowed in fields.items():
-            value = getattr(self, name)
-            try:
-                value.format(**{k: "x" for k in allowed})
-            except (KeyError, IndexError, ValueError) as err:
-                fields_text = ", ".join("{" + k + "}" for k in allowed)
-                raise ValueError(f"data.template.{name}: {value!r} may use only {fields_text} "
-                                 f"({type(err).__name__}: {err})") from err
-        if self.background.count("{context}") != 1:
-            raise ValueError(f"data.template.background must contain {{context}} exactly once, "
-                             f"got {self.background!r}")
-        return self
-
-
-@dataclass
-class Question:
-    """One question. ``answers`` are all gold answers (empty only when ``impossible``);
-    ``answer_starts`` their character offsets in the context (-1 = unknown)."""
-
-    id: str
-    question: str
-    answers: list[str]
-    answer_starts: list[int]
-    impossible: bool = False
-
-
-@dataclass
-class Context:
-    """A context (background text) and the questions asked about it."""
-
-    id: str
-    title: str
-    context: str
-    questions: list[Question]
-
-
-@dataclass
 class SquadDataConfig:
-    """Schema of ``conf/data/squad.yaml`` (defaults equal the YAML)."""
+    """Schema of ``conf/data/squad.yaml`` (every key, its default and its meaning)."""
 
     name: str = "squad"
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    test_path: Optional[str] = None
-    hub_id: str = "rajpurkar/squad"
+    path: Optional[str] = None  # training file: official SQuAD JSON (.json/.json.gz) or Hub rows (.jsonl/.parquet); a glob or list works; null = the Hub
+    eval_path: Optional[str] = None  # split=validation file; null = the Hub's validation split, or (with path set) a held-out slice of path
+    test_path: Optional[str] = None  # split=test file (SQuAD's own test set is hidden)
+    hub_id: str = "rajpurkar/squad"  # rajpurkar/squad_v2 for SQuAD 2.0
     hub_config: Optional[str] = None
-    val_fraction: float = 0.05
-    max_context_tokens: Optional[int] = 512
-    eval_overflow: str = "keep"
-    min_questions: int = 1
-    max_contexts: Optional[int] = None
-    unanswerable: str = "unanswerable"
-    seq_length: int = 256
-    template: QATemplate = field(default_factory=QATemplate)
-    cache_dir: Optional[str] = None
+    val_fraction: float = 0.05  # with path set and eval_path null: fraction of articles (by title hash) held out for validation
+    max_context_tokens: Optional[int] = 512  # background budget; training cuts longer contexts around the answers (counted and logged)
+    eval_overflow: str = "keep"  # evaluation, context over budget: keep (whole, warned), truncate (head, meta.truncated), error
+    min_questions: int = 1  # leave out contexts with fewer questions
+    max_contexts: Optional[int] = None  # use only the first N contexts of each split (quick runs)
+    unanswerable: str = "unanswerable"  # SQuAD 2.0: target text of an unanswerable question
+    seq_length: int = 256  # kind=text only: contexts as text chunks of this many tokens
+    template: QATemplate = field(default_factory=QATemplate)  # the answer target is template.answer + EOS
+    cache_dir: Optional[str] = None  # datasets cache for Hub downloads (null = HF_DATASETS_CACHE)
 
     def validate(self) -> "SquadDataConfig":
         if self.max_context_tokens is not None and self.max_context_tokens < 8:
@@ -232,7 +189,8 @@ def load_squad_hub(hub_id: str, hub_config: str | None, split: str, cache_dir: s
     except Exception as err:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DataError(hub_id, f"cannot load split {split!r} from the Hub ({type(err).__name__}:"
-                                f" {cause}); set data.path= / data.eval_path= to local files")
+                                f" {cause}); set data.path= / data.eval_path= to local files"
+                        ) from err
     return rows_to_contexts(((f"row {i}", r) for i, r in enumerate(ds)), f"{hub_id}[{split}]")
 
 
@@ -260,153 +218,6 @@ def check_answers(contexts: list[Context], source: str,
             kept.append(q)
         ctx.questions = kept
     return contexts, skipped
-
-
-# --- encoding (shared with data=synthetic) --------------------------------------------------------
-
-@dataclass
-class QAStats:
-    """What :func:`encode_qa` did; evaluation reports these."""
-
-    contexts: int = 0
-    questions: int = 0
-    samples: int = 0
-    truncated: int = 0  # contexts cut to the budget
-    over_budget: int = 0  # contexts longer than the budget (evaluation)
-    skipped_long_answer: int = 0  # training questions whose answer alone exceeds the budget
-    skipped_mismatch: int = 0  # training questions whose answer_start does not match
-
-
-def _answer_span(offsets: np.ndarray, char_start: int, char_end: int) -> tuple[int, int]:
-    """Token span [a, b) covering characters [char_start, char_end)."""
-    a = int(np.searchsorted(offsets[:, 1], char_start, side="right"))
-    b = int(np.searchsorted(offsets[:, 0], char_end, side="left"))
-    return a, max(b, a + 1)
-
-
-def _training_windows(spans: list[tuple[int, int] | None], n: int, budget: int, k: int,
-                      stats: QAStats) -> list[tuple[int, list[int]]]:
-    """Group the questions of an over-long context into ``(window start, [question index])``.
-
-    ``spans[i]`` is the token span of question i's answer (None: unanswerable). Each group has at
-    most ``k`` questions whose answers fit together in ``budget`` tokens; its window is centred on
-    them. Unanswerable questions join any group with room, else a window at the head.
-    """
-    groups: list[list] = []  # [lo, hi, members]: the answers of members lie in [lo, hi)
-    for i in sorted((i for i, s in enumerate(spans) if s is not None), key=spans.__getitem__):
-        a, b = spans[i]
-        if b - a > budget:
-            stats.skipped_long_answer += 1
-        elif groups and len(groups[-1][2]) < k and max(groups[-1][1], b) - groups[-1][0] <= budget:
-            groups[-1][1] = max(groups[-1][1], b)
-            groups[-1][2].append(i)
-        else:
-            groups.append([a, b, [i]])
-    windows = [(min(max(lo - (budget - (hi - lo)) // 2, 0), n - budget), members)
-               for lo, hi, members in groups]
-    for i in (i for i, s in enumerate(spans) if s is None):
-        room = next((w for w in windows if len(w[1]) < k), None)
-        if room is None:
-            room = (0, [])
-            windows.append(room)
-        room[1].append(i)
-    return windows
-
-
-def encode_qa(
-    contexts: Sequence[Context],
-    tokenizer,
-    template: QATemplate,
-    *,
-    branches_per_sample: int,
-    max_context_tokens: int | None = None,
-    training: bool = True,
-    eval_overflow: str = "keep",
-    unanswerable: str = "unanswerable",
-    source: str = "",
-) -> tuple[list[BranchSample], QAStats]:
-    """Tokenise contexts, questions and answers in batches and group them into samples.
-
-    The budget ``max_context_tokens`` counts background tokens (including a BOS the tokenizer
-    adds). See the module docstring for truncation; ``source`` names the data in errors.
-    """
-    if branches_per_sample < 1:
-        raise ValueError(f"branches_per_sample must be >= 1, got {branches_per_sample}")
-    stats = QAStats(contexts=len(contexts))
-    prefix, eos = special_prefix(tokenizer), eos_id(tokenizer)
-    budget = None if max_context_tokens is None else max_context_tokens - len(prefix)
-    head = template.background.split("{context}")[0]
-    questions = [q for c in contexts for q in c.questions]
-    texts = ([template.background.format(context=c.context, title=c.title) for c in contexts]
-             + [template.question.format(question=q.question) for q in questions]
-             + [template.answer.format(answer=q.answers[0] if q.answers else unanswerable)
-                for q in questions])
-    want_offsets = training and budget is not None
-    ids, offsets = tokenize(tokenizer, texts, offsets=True) if want_offsets else (
-        tokenize(tokenizer, texts), None)
-    n_ctx, n_q = len(contexts), len(questions)
-    bg_ids, prompts, targets = ids[:n_ctx], ids[n_ctx: n_ctx + n_q], ids[n_ctx + n_q:]
-
-    samples: list[BranchSample] = []
-    first = 0  # index of the context's first question in the flat lists
-    for c_i, ctx in enumerate(contexts):
-        bg = bg_ids[c_i]
-        qs = list(range(first, first + len(ctx.questions)))
-        first += len(ctx.questions)
-        n = len(bg)
-        if budget is None or n <= budget:
-            windows = [(None, qs[i: i + branches_per_sample])
-                       for i in range(0, len(qs), branches_per_sample)]
-        elif training:
-            stats.truncated += 1
-            char_offsets = np.asarray(offsets[c_i], dtype=np.int64).reshape(-1, 2)
-            shift = len(head.format(title=ctx.title))  # where the context starts in the text
-            spans = [None if q.impossible or not q.answers else _answer_span(
-                char_offsets, shift + q.answer_starts[0], shift + q.answer_starts[0]
-                + len(q.answers[0])) for q in ctx.questions]
-            windows = [(w, [qs[i] for i in g]) for w, g in
-                       _training_windows(spans, n, budget, branches_per_sample, stats)]
-        else:
-            stats.over_budget += 1
-            if eval_overflow == "error":
-                raise DataError(f"{source}: context {ctx.id}",
-                                f"{n + len(prefix)} tokens, more than data.max_context_tokens="
-                                f"{max_context_tokens} (data.eval_overflow=error)")
-            start = 0 if eval_overflow == "truncate" else None
-            stats.truncated += eval_overflow == "truncate"
-            windows = [(start, qs[i: i + branches_per_sample])
-                       for i in range(0, len(qs), branches_per_sample)]
-        for start, group in windows:
-            if not group:
-                continue
-            background = prefix + (bg if start is None else bg[start: start + budget])
-            samples.append(BranchSample(
-                background=background,
-                branches=[Branch(prompt=prompts[q], target=targets[q] + [eos]) for q in group],
-                meta={"context_id": ctx.id,
-                      "ids": [questions[q].id for q in group],
-                      "questions": [questions[q].question for q in group],
-                      "answers": [questions[q].answers or [unanswerable] for q in group],
-                      "impossible": [questions[q].impossible for q in group],
-                      "truncated": start is not None}))
-            stats.questions += len(group)
-    stats.samples = len(samples)
-    return samples, stats
-
-
-class QADataset(torch.utils.data.Dataset):
-    """Map-style dataset of ready :class:`BranchSample` objects; ``stats`` says how it was built."""
-
-    kind = "qa"
-
-    def __init__(self, samples: list[BranchSample], stats: QAStats):
-        self.samples, self.stats = samples, stats
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> BranchSample:
-        return self.samples[i]
 
 
 # --- the task -------------------------------------------------------------------------------------

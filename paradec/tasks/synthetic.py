@@ -38,9 +38,9 @@ from typing import Iterator, Sequence
 import torch
 
 from ..layout import Branch, BranchSample
-from .fineweb import eos_id, special_prefix, tokenize
 from .io import SPLITS, check_kind, check_split, stable_hash
-from .squad import Context, QATemplate, Question, encode_qa
+from .qa import Context, QATemplate, Question, encode_qa
+from .text import eos_id, special_prefix, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,22 @@ QUESTION = "What is {entity}'s {relation}?"
 
 @dataclass
 class SyntheticDataConfig:
-    """Schema of ``conf/data/synthetic.yaml`` (defaults equal the YAML)."""
+    """Schema of ``conf/data/synthetic.yaml`` (every key, its default and its meaning)."""
 
     name: str = "synthetic"
-    seed: int = 0
-    train_size: int = 20_000
+    seed: int = 0  # background i of a split is a pure function of (seed, split, i)
+    train_size: int = 20_000  # backgrounds per split, generated on demand; splits never share one
     validation_size: int = 300
     test_size: int = 300
-    min_facts: int = 4
-    max_facts: int = 5
-    questions_per_background: int = 4
-    entities_per_background: int = 1
-    min_answer_words: int = 1
+    min_facts: int = 4  # facts per background: a seeded count in [min_facts, max_facts]
+    max_facts: int = 5  # (4-5 facts: short backgrounds keep the default pipeline within minutes on CPU)
+    questions_per_background: int = 4  # a background with more questions than collator.branches_per_sample gives several samples
+    entities_per_background: int = 1  # 1: each relation stated once (key unique); >1: harder entity-binding variant
+    min_answer_words: int = 1  # words per answer value: a seeded count in [min, max] (max 4)
     max_answer_words: int = 1
-    text_qa: bool = True
-    seq_length: int = 256
-    template: QATemplate = field(default_factory=QATemplate)
+    text_qa: bool = True  # kind=text documents also list their Q/A pairs, so pretraining teaches the QA format
+    seq_length: int = 256  # kind=text: tokens per branch (one background document each; longer ones are cut)
+    template: QATemplate = field(default_factory=QATemplate)  # how QA samples become text; the answer target is template.answer + EOS
 
     def validate(self) -> "SyntheticDataConfig":
         def bad(key, why):
