@@ -14,6 +14,7 @@ This module imports no stage code: the CLI reads it before it knows which stage 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -425,13 +426,77 @@ class GenerateConfig:
         return self
 
 
+def overrides_schema(schema: type, name: str | None = None) -> type:
+    """A copy of ``schema`` for overrides: the same keys, types and nesting, but every value unset
+    (``MISSING``, and not an ``__init__`` argument) until one is given, so only what a user or a
+    file sets is an override, and a typo or a wrong type still fails naming the key."""
+    hints = typing.get_type_hints(schema)
+    fields = []
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sub = overrides_schema(hint)
+            fields.append((f.name, sub, field(default_factory=sub)))
+        else:
+            kind = Any if hint is Any else Optional[hint]
+            fields.append((f.name, kind, field(default=MISSING, init=False)))
+    return dataclasses.make_dataclass(name or f"{schema.__name__}Overrides", fields)
+
+
+def _data_overrides() -> type:
+    """Overrides of any data task's keys (the union of their schemas; checked per stage, when the
+    stage composes its own ``data`` group)."""
+    from .tasks import DATA_SCHEMAS
+
+    fields = {}
+    for schema in DATA_SCHEMAS.values():
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            if f.name in fields:
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                sub = overrides_schema(hints[f.name])
+                fields[f.name] = (f.name, sub, field(default_factory=sub))
+            else:
+                fields[f.name] = (f.name, Any, field(default=MISSING, init=False))
+    return dataclasses.make_dataclass("DataOverrides", list(fields.values()))
+
+
+# What a pipeline's per-stage section may set: the keys of these sections (not stage.*, which the
+# pipeline sets, nor generate / bench, which no pipeline stage reads).
+StageOverrides = dataclasses.make_dataclass("StageOverrides", [
+    (name, sub, field(default_factory=sub)) for name, sub in (
+        ("model", overrides_schema(ModelConfig)), ("data", _data_overrides()),
+        ("collator", overrides_schema(CollatorConfig)),
+        ("trainer", overrides_schema(TrainerConfig)), ("eval", overrides_schema(EvalConfig)),
+        ("logger", overrides_schema(LoggerConfig)))])
+
+
+def section_values(section, prefix: str = "") -> dict[str, Any]:
+    """``dotted key -> value`` of every value set in an overrides section (an instance of an
+    :func:`overrides_schema` class, as the run config holds it)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(section_values(value, f"{prefix}{f.name}."))
+        elif not (isinstance(value, str) and value == MISSING):
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
 @dataclass
 class PipelineConfig:
-    """``pipeline``: pretrain -> finetune -> eval; per-stage overrides of the shared config."""
+    """``pipeline``: pretrain -> finetune -> eval. Each stage composes its config as
+    ``python run.py stage=<stage>`` would (same groups and command line), then applies its
+    section here: any key of the model, data, collator, trainer, eval and logger sections,
+    typed (``pipeline.finetune.trainer.lr=1e-4``); a key set on the command line wins over a
+    section unless it is set as ``pipeline.<stage>.<key>``. :func:`section_values` lists what a
+    section sets."""
 
-    pretrain: dict = field(default_factory=dict)  # config keys for the pretrain stage only
-    finetune: dict = field(default_factory=dict)  # ... the finetune stage only
-    eval: dict = field(default_factory=dict)  # ... the eval stage only
+    pretrain: StageOverrides = field(default_factory=StageOverrides)
+    finetune: StageOverrides = field(default_factory=StageOverrides)
+    eval: StageOverrides = field(default_factory=StageOverrides)
     skip_pretrain: bool = False  # start from model.path (e.g. a Hub model) and only finetune + eval
     zero_shot_modes: list = field(default_factory=list)  # also evaluate the starting model in these modes (zero_shot/)
 
@@ -467,7 +532,7 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     keys to a typed config; they would otherwise be dropped without a word)."""
     schema = OmegaConf.get_type(node)
     if not dataclasses.is_dataclass(schema):
-        return []  # an untyped mapping (e.g. a pipeline's per-stage section, checked per stage)
+        return []  # an untyped mapping
     fields = {f.name for f in dataclasses.fields(schema)}
     out = []
     for key in node.keys():

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import models
 from .collator import ColumnarCollator
-from .config import Config, to_run_config
+from .config import Config, section_values, to_run_config
 from .tasks import DataError, load_task
 from .tracking import Tracker
 
@@ -292,95 +292,104 @@ def generate_stage(run: Config, run_dir: Path, cfg: DictConfig):
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Groups the stages of a pipeline do not take from its command line: the stage is the pipeline's
+# to choose, and a sweep definition configures the sweeper only.
+NOT_PASSED_TO_STAGES = ("stage", "sweep")
 
 
-def command_line_keys(cfg: DictConfig) -> dict:
-    """``dotted key -> composed value`` of every ``key=value`` the command line set (not group
-    choices such as ``model=tiny``, not ``hydra.*``); empty outside a Hydra run."""
-    if not HydraConfig.initialized():
-        return {}
-    hydra = HydraConfig.get()
-    groups = set(hydra.runtime.choices.keys())
-    out = {}
-    for item in hydra.overrides.task:
-        key, sep, _ = item.lstrip("+").partition("=")
-        if item.startswith("~") or not sep or key in groups or key.split(".")[0] == "hydra":
-            continue
-        value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-        out[key] = value
-    return out
+def command_line() -> list[str]:
+    """The run's command-line overrides (``key=value`` and group choices); empty outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def stage_config(cfg: DictConfig, stage: str, overrides: dict,
-                 pipeline_owned: dict | None = None) -> DictConfig:
-    """The pipeline's config as ``stage=<stage>`` would compose it, plus ``overrides``.
+def _key(item: str) -> str:
+    return item.lstrip("+~").partition("=")[0]
 
-    In order, each winning over the ones before: the composed config; the stage's own file
-    (``conf/stage/<stage>.yaml``), so a stage run inside the pipeline has exactly the defaults
-    it has on its own; the pipeline's per-stage section (``overrides``, from
-    ``pipeline.<stage>``); every ``key=value`` of the command line, so a key the user set
-    reaches every stage (a ``pipeline.<stage>.<key>`` on the command line wins for its stage;
-    ``data.*`` keys skip a stage on another data task); ``pipeline_owned``, what the pipeline
-    itself chains (the model each stage starts from).
+
+def stage_config(stage: str, section, owned: dict | None = None,
+                 overrides: list[str] | None = None) -> DictConfig:
+    """The config of one pipeline stage: composed by Hydra exactly as ``python run.py
+    stage=<stage>`` with the pipeline's command line would compose it, then its section.
+
+    In order, each winning over the ones before: the composed config (the stage's own file, the
+    groups and every ``key=value`` of the command line, so a key the user set reaches every
+    stage); the stage's ``section`` (``run.pipeline.<stage>``, or a dict of dotted keys), except
+    the keys the
+    command line set, unless it set them as ``pipeline.<stage>.<key>``; ``owned``, what the
+    pipeline itself chains (the model each stage starts from). A section's ``data.name`` selects
+    that stage's data group (``data=<name>``: its own file and schema), and command-line
+    ``data.*`` keys then skip the stage. ``overrides``: the command line (default: this run's).
     """
-    stage_file = OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml")
-    overrides = OmegaConf.create(overrides)
-    merged = OmegaConf.merge(cfg, stage_file)
-    task = OmegaConf.select(overrides, "data.name")
-    other_task = task is not None and task != merged.data.name
-    if other_task:
-        # Another data task for this stage (pretrain on fineweb, finetune on squad): its keys
-        # start from conf/data/<name>.yaml, as `data=<name>` would compose them, not from the
-        # other task's keys (they would not fit its schema).
-        merged.data = data_preset(task, key=f"pipeline.{stage}.data.name")
-    merged = OmegaConf.merge(merged, overrides)
-    cli = command_line_keys(cfg)
-    for key, value in cli.items():
-        if key.startswith("pipeline.") or f"pipeline.{stage}.{key}" in cli:
-            continue
-        if other_task and key.startswith("data."):
-            continue
-        OmegaConf.update(merged, key, value, merge=False, force_add=True)
-    return OmegaConf.merge(merged, pipeline_owned or {})
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-
-def data_preset(name: str, key: str = "data.name") -> DictConfig:
-    """``conf/data/<name>.yaml`` on its typed schema, as ``data=<name>`` composes it."""
     from .tasks import DATA_SCHEMAS
 
-    if name not in DATA_SCHEMAS:
-        raise ValueError(f"{key}: unknown data task {name!r} (known: {', '.join(DATA_SCHEMAS)})")
-    own = OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml")
-    own.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(DATA_SCHEMAS[name]), own)
+    overrides = command_line() if overrides is None else list(overrides)
+    section = dict(section) if isinstance(section, dict) else section_values(section)
+    task = section.pop("data.name", None)
+    if task is not None and task not in DATA_SCHEMAS:
+        raise ValueError(f"pipeline.{stage}.data.name: unknown data task {task!r} (known: "
+                         f"{', '.join(DATA_SCHEMAS)})")
+    explicit = {_key(o)[len(f"pipeline.{stage}."):] for o in overrides
+                if _key(o).startswith(f"pipeline.{stage}.")}
+    passed, set_here = [], set()
+    for item in overrides:
+        key = _key(item)
+        if key.split(".")[0] in NOT_PASSED_TO_STAGES or key.startswith(("hydra", "pipeline.")):
+            continue
+        if key in explicit or (task is not None and (key == "data" or key.startswith("data."))):
+            continue
+        passed.append(item)
+        set_here.add(key)
+    passed.append(f"stage={stage}")
+    if task is not None:
+        passed.append(f"data={task}")
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="config", overrides=passed)
+    else:  # called outside a Hydra app (scripts, tests)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=passed)
+    for key, value in section.items():
+        if key in set_here and key not in explicit:
+            continue  # the command line's value reaches every stage
+        _set(cfg, key, value, f"pipeline.{stage}.{key}")
+    for key, value in (owned or {}).items():
+        _set(cfg, key, value, key)
+    return cfg
+
+
+def _set(cfg: DictConfig, key: str, value, name: str) -> None:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{name}={value!r}: {str(err).splitlines()[0]}") from None
 
 
 def pipeline_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """pretrain -> finetune -> eval, each in its own subdirectory; eval.json on top."""
     import shutil
 
-    name, _ = _run_identity(run)
-    group = {"logger": {"group": run.logger.group or f"pipeline-{run_dir.name}"}}
+    group = {"logger.group": run.logger.group or f"pipeline-{run_dir.name}"}
     model_path = run.model.path
-    spec = OmegaConf.to_container(cfg.pipeline, resolve=True)
-    if not run.pipeline.skip_pretrain:
-        sub = stage_config(cfg, "pretrain", spec["pretrain"], group)
+    sections = run.pipeline
+    if not sections.skip_pretrain:
+        sub = stage_config("pretrain", sections.pretrain, group)
         model_path = train_stage(to_run_config(sub), run_dir / "pretrain", sub)["model_dir"]
     elif not (model_path or run.model.gguf_file or run.model.arch == models.HUB):
         raise ValueError("pipeline.skip_pretrain=true needs a pretrained model: model.path, "
                          "model.gguf_file or a Hub preset")
-    start = {"model": {"path": model_path}} if model_path else {}
+    start = {"model.path": model_path} if model_path else {}
     zero_shot = None
-    if run.pipeline.zero_shot_modes:  # the starting model, before finetuning, on the same questions
-        modes = {"eval": {"modes": list(run.pipeline.zero_shot_modes)}}
-        sub = stage_config(cfg, "eval", spec["eval"], OmegaConf.merge(group, start, modes))
+    if sections.zero_shot_modes:  # the starting model, before finetuning, on the same questions
+        modes = {"eval.modes": list(sections.zero_shot_modes)}
+        sub = stage_config("eval", sections.eval, {**group, **start, **modes})
         zero_shot = eval_stage(to_run_config(sub), run_dir / "zero_shot", sub)
-    sub = stage_config(cfg, "finetune", spec["finetune"], OmegaConf.merge(group, start))
+    sub = stage_config("finetune", sections.finetune, {**group, **start})
     model_path = train_stage(to_run_config(sub), run_dir / "finetune", sub)["model_dir"]
-    sub = stage_config(cfg, "eval", spec["eval"],
-                       OmegaConf.merge(group, {"model": {"path": model_path}}))
+    sub = stage_config("eval", sections.eval, {**group, "model.path": model_path})
     report = eval_stage(to_run_config(sub), run_dir / "eval", sub)
     if report is None:  # not the main process
         return None

@@ -201,18 +201,43 @@ def test_pipeline_runs_every_stage_and_puts_eval_on_top(tmp_path):
 
 
 def test_a_pipeline_stage_can_use_another_data_task():
-    """pipeline.pretrain.data.name=fineweb: pretrain composes conf/data/fineweb.yaml, the rest stay."""
+    """pipeline.pretrain.data.name=fineweb: pretrain composes data=fineweb, the rest stay."""
     from paradec.stages import stage_config
 
-    cfg = compose_run("stage=pipeline", "+pipeline.pretrain.data.name=fineweb",
-                      "+pipeline.pretrain.data.seq_length=64")
-    pre = to_run_config(stage_config(cfg, "pretrain", dict(cfg.pipeline.pretrain)))
+    line = ["stage=pipeline", "pipeline.pretrain.data.name=fineweb",
+            "pipeline.pretrain.data.seq_length=64"]
+    run = to_run_config(compose_run(*line))
+    pre = to_run_config(stage_config("pretrain", run.pipeline.pretrain, overrides=line))
     assert type(pre.data).__name__ == "FinewebDataConfig" and pre.data.seq_length == 64
-    assert pre.data.hub_id == "HuggingFaceFW/fineweb-edu"  # conf/data/fineweb.yaml's own defaults
-    fin = to_run_config(stage_config(cfg, "finetune", dict(cfg.pipeline.finetune)))
+    assert pre.data.hub_id == "HuggingFaceFW/fineweb-edu"  # fineweb's own defaults
+    assert pre.trainer.lr == 1e-2 and pre.stage.name == "pretrain"  # the pipeline's section
+    fin = to_run_config(stage_config("finetune", run.pipeline.finetune, overrides=line))
     assert fin.data.name == "synthetic" and fin.collator.loss_on == "target"
     with pytest.raises(ValueError, match="pipeline.pretrain.data.name: unknown data task 'webtext'"):
-        stage_config(cfg, "pretrain", {"data": {"name": "webtext"}})
+        stage_config("pretrain", {"data.name": "webtext"}, overrides=[])
+
+
+def test_a_stage_composes_as_on_its_own_and_the_command_line_reaches_it():
+    """A pipeline stage's config equals `python run.py stage=<stage>` with the same command line,
+    plus its section; a command-line key wins over a section unless set per stage."""
+    from paradec.config import section_values
+    from paradec.stages import stage_config
+
+    line = ["stage=pipeline", "model=small", "trainer.max_steps=7",
+            "pipeline.finetune.trainer.warmup_steps=3", "pipeline.pretrain.trainer.max_steps=5"]
+    run = to_run_config(compose_run(*line))
+    assert section_values(run.pipeline.finetune)["trainer.warmup_steps"] == 3  # no `+` needed
+    fin = stage_config("finetune", run.pipeline.finetune, overrides=line)
+    alone = compose_run("stage=finetune", "model=small", "trainer.max_steps=7")
+    for section in ("model", "data", "eval", "logger"):  # sections the pipeline leaves alone
+        assert fin[section] == alone[section], section
+    assert fin.collator.min_branches_per_sample == 1 and alone.collator.min_branches_per_sample is None
+    assert fin.trainer.max_steps == 7 and fin.trainer.warmup_steps == 3  # command line, section
+    assert fin.trainer.lr == 3e-3  # the pipeline's finetune section, over stage=finetune's 1e-3
+    pre = stage_config("pretrain", run.pipeline.pretrain, overrides=line)
+    assert pre.trainer.max_steps == 5  # set as pipeline.pretrain.<key>: wins for its stage
+    with pytest.raises(Exception, match="warmup_stepz"):
+        compose_run("stage=pipeline", "pipeline.finetune.trainer.warmup_stepz=3")
 
 
 def test_squad_local_experiment_reads_the_data_dir(monkeypatch):

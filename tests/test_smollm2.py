@@ -87,6 +87,7 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
 def test_the_smollm2_experiments_compose(monkeypatch):
     from paradec.config import to_run_config
+    from paradec.stages import stage_config
 
     monkeypatch.setenv("PARADEC_DATA_DIR", "/data")
     runs = {name: to_run_config(compose_run(f"experiment={name}")) for name in
@@ -95,18 +96,22 @@ def test_the_smollm2_experiments_compose(monkeypatch):
     assert main.model.name == "smollm2_135m" and main.model.lora.enabled
     assert main.pipeline.zero_shot_modes == ["baseline", "joint"]
     assert main.model.pair_indices == [] and main.collator.isolate_branches
+    stage = {name: {kind: to_run_config(stage_config(kind, getattr(run.pipeline, kind),
+                                                     overrides=[f"experiment={name}"]))
+                    for kind in ("finetune", "eval")} for name, run in runs.items()}
+    main_fin = stage["squad_smollm2"]["finetune"]
     for name, fmt, mode in (("squad_smollm2_single", "single", "baseline"),
                             ("squad_smollm2_joint", "joint", "joint")):
-        run = runs[name]
-        assert run.collator.format == fmt and run.model.pair_indices == []
-        assert run.pipeline.eval["eval"]["modes"][0] == mode
+        fin, ev = stage[name]["finetune"], stage[name]["eval"]
+        assert fin.collator.format == fmt and fin.model.pair_indices == []
+        assert ev.eval.modes[0] == mode and ev.eval.max_samples == 150
         # The same budget as the columnar model: base, adapter, steps, contexts, seeds.
-        assert run.model.lora == main.model.lora and run.trainer == main.trainer
-        assert run.pipeline.finetune == main.pipeline.finetune
-        assert (run.collator.min_branches_per_sample, run.collator.max_branches_per_sample,
-                run.collator.count_weighting, run.collator.seed) == (
-            main.collator.min_branches_per_sample, main.collator.max_branches_per_sample,
-            main.collator.count_weighting, main.collator.seed)
+        assert fin.model.lora == main_fin.model.lora and fin.trainer == main_fin.trainer
+        assert fin.trainer.max_steps == 200 and fin.trainer.batch_size == 2
+        assert (fin.collator.min_branches_per_sample, fin.collator.max_branches_per_sample,
+                fin.collator.count_weighting, fin.collator.seed) == (
+            main_fin.collator.min_branches_per_sample, main_fin.collator.max_branches_per_sample,
+            main_fin.collator.count_weighting, main_fin.collator.seed)
 
 
 def test_a_plain_row_format_on_a_patched_model_is_refused(tmp_path):
