@@ -8,6 +8,10 @@ their tasks, ``paradec/tasks/``); the YAML files under ``conf/`` hold only prese
 and values that differ from these defaults (``tests/test_config_defaults.py`` fails on a restated
 one). ``python run.py --cfg job`` prints the composed config.
 
+``validate`` is the one place each section's values are checked. The CLI runs it for every
+section at start-up; a component given a config built in Python (the collator, the trainer, a
+data task, a decoder) runs the same ``validate`` on it.
+
 This module imports no stage code: the CLI reads it before it knows which stage runs.
 """
 

@@ -252,9 +252,9 @@ def test_a_preset_initialises_its_weights_with_its_initializer_range(init):
 @pytest.mark.parametrize("name", ["qwen3_0_6b", "qwen3_4b"])
 def test_hub_presets_are_complete(name):
     cfg = load_preset(name)
-    assert cfg.arch == "hub" and cfg.hub_id.startswith("Qwen/") and cfg.trust_remote_code is False
-    assert cfg.attn_implementation == "sdpa" and cfg.branch_stride == 128
-    assert all(1 <= k <= 64 for k in cfg.pair_indices)  # Qwen3: head_dim 128 -> 64 pairs
+    assert cfg.arch == "hub" and cfg.hub_id.startswith("Qwen/")
+    # Qwen3: head_dim 128 -> 64 pairs; four distinct low-frequency pairs of them
+    assert len(set(cfg.pair_indices)) == 4 and all(1 <= k <= 64 for k in cfg.pair_indices)
 
 
 def test_unknown_preset_and_bad_attention():

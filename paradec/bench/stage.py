@@ -50,7 +50,7 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
     """stage=bench: every measurement of the module docstring; writes bench.json/.md/.png."""
     import transformers
 
-    bcfg: BenchConfig = run.bench.validate()
+    bcfg: BenchConfig = run.bench  # validated with the whole config (paradec.config.to_run_config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if bcfg.threads > 0:
