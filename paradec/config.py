@@ -55,6 +55,11 @@ def _fail(section: str, key: str, why: str):
     raise ValueError(f"{section}.{key}: {why}")
 
 
+def _one_of(section: str, obj, key: str, choices) -> None:
+    if getattr(obj, key) not in choices:
+        _fail(section, key, f"must be one of {list(choices)}, got {getattr(obj, key)!r}")
+
+
 def _at_least(section: str, obj, minimum: int, *keys: str) -> None:
     for key in keys:
         if getattr(obj, key) < minimum:
@@ -69,11 +74,8 @@ class StageConfig:
     data_kind: str = MISSING  # text: chunks of text as branches; qa: a context with its questions
 
     def validate(self) -> "StageConfig":
-        if self.name not in STAGES:
-            _fail("stage", "name", f"must be one of {list(STAGES)}, got {self.name!r}")
-        if self.data_kind not in DATA_KINDS:
-            _fail("stage", "data_kind", f"must be one of {list(DATA_KINDS)}, got "
-                  f"{self.data_kind!r}")
+        _one_of("stage", self, "name", STAGES)
+        _one_of("stage", self, "data_kind", DATA_KINDS)
         return self
 
 
@@ -148,8 +150,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         self.lora.validate()
-        if self.arch not in ARCHS:
-            _fail("model", "arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
+        _one_of("model", self, "arch", ARCHS)
         if self.arch == "hub" and not (self.path or self.hub_id or self.gguf_file):
             raise ValueError("model.path, model.gguf_file or model.hub_id must be set for a "
                              "pretrained model")
@@ -218,8 +219,7 @@ class CollatorConfig:
             bad("min_branches_per_sample", f"need 1 <= min <= max, got min={lo}, max={hi}")
         for key, choices in (("count_weighting", COUNT_WEIGHTINGS), ("format", FORMATS),
                              ("align_to", ALIGNMENTS), ("loss_on", LOSS_ON)):
-            if getattr(self, key) not in choices:
-                bad(key, f"must be one of {list(choices)}, got {getattr(self, key)!r}")
+            _one_of("collator", self, key, choices)
         _at_least("collator", self, 0, "random_time_offset")
         if self.pad_to is not None and self.pad_to < 1:
             bad("pad_to", f"must be a positive length or null, got {self.pad_to}")
@@ -266,9 +266,7 @@ class TrainerConfig:
             _fail("trainer", "lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail("trainer", "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            _fail("trainer", "mixed_precision", f"must be one of {list(MIXED_PRECISION)}, got "
-                  f"{self.mixed_precision!r}")
+        _one_of("trainer", self, "mixed_precision", MIXED_PRECISION)
         return self
 
 
@@ -317,8 +315,7 @@ class EvalConfig:
             _fail("eval", "modes", f"lists a mode twice: {list(self.modes)}")
         _at_least("eval", self, 0, "max_samples")
         _at_least("eval", self, 1, "context_stride", "batch_size")
-        if self.prompt not in PROMPT_STYLES:
-            _fail("eval", "prompt", f"must be one of {list(PROMPT_STYLES)}, got {self.prompt!r}")
+        _one_of("eval", self, "prompt", PROMPT_STYLES)
         if self.memory_budget_gb <= 0:
             _fail("eval", "memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
         self.decode_config()
@@ -366,8 +363,7 @@ class BenchConfig:
     plot: bool = True  # bench.png: questions/s per mode vs K, achieved vs limit speedup
 
     def validate(self) -> "BenchConfig":
-        if self.clock not in CLOCKS:
-            _fail("bench", "clock", f"must be one of {list(CLOCKS)}, got {self.clock!r}")
+        _one_of("bench", self, "clock", CLOCKS)
         unknown = [m for m in self.modes if m not in BENCH_MODES]
         if unknown or not self.modes:
             _fail("bench", "modes", f"unknown mode(s) {unknown or list(self.modes)}; choose from "
@@ -401,8 +397,7 @@ class LoggerConfig:
     def validate(self) -> "LoggerConfig":
         from .tracking import WANDB_MODES
 
-        if self.mode not in WANDB_MODES:
-            _fail("logger", "mode", f"must be one of {list(WANDB_MODES)}, got {self.mode!r}")
+        _one_of("logger", self, "mode", WANDB_MODES)
         return self
 
 

@@ -54,14 +54,45 @@ def test_every_config_file_starts_with_the_command_that_uses_it():
         assert re.match(r"# ([A-Z_]+=\S+ )*python run\.py", first), path
 
 
-def cli(*args, run_dir=None, timeout=300, check=True):
-    cmd = [sys.executable, "run.py", *args]
-    if run_dir is not None:
-        cmd.append(f"hydra.run.dir={run_dir}")
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def cli(*args, run_dir=None, timeout=300, check=True, subprocess_run=False):
+    """``python run.py *args [hydra.run.dir=run_dir]``: in this process through run.py's own
+    Hydra entry point (argv and all), or as a real subprocess for multiruns, ``--cfg`` and
+    ``subprocess_run=True``. Returns a ``CompletedProcess`` either way."""
+    argv = [*args] + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
+    if subprocess_run or "-m" in argv or "--cfg" in argv:
+        out = subprocess.run([sys.executable, "run.py", *argv], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=timeout)
+    else:
+        out = run_in_process(argv)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """run.py run as ``__main__`` with ``sys.argv`` set, stdout / stderr captured; the exit code of a
+    ``SystemExit`` (0 when it returns). Torch's thread count and RNGs are restored after."""
+    import contextlib
+    import io
+    import runpy
+
+    import torch
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    saved_argv, threads = sys.argv, torch.get_num_threads()
+    GlobalHydra.instance().clear()
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        sys.argv = ["run.py", *argv]
+        try:  # as __main__, so Hydra finds conf/ next to run.py as it does from the shell
+            runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        finally:
+            sys.argv = saved_argv
+            torch.set_num_threads(threads)
+            GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.mark.parametrize("override, key", [
@@ -110,14 +141,14 @@ def test_pretrain_finetune_eval_through_the_cli(pretrained, tmp_path):
     assert "val/loss" in metrics[2] and "val/ppl" in metrics[3]
     fin = tmp_path / "fin"
     cli("stage=finetune", f"model.path={pre / 'model'}", *TINY, "trainer.max_steps=2",
-        "trainer.eval_every=0", run_dir=fin)
+        "trainer.eval_every=0", run_dir=fin, subprocess_run=True)
     assert (fin / "model" / "model.safetensors").is_file()
     # the pairs saved with the pretrained model win over the preset's default [8, 9, 10, 11]
     saved = json.loads((fin / "model" / "config.json").read_text())["columnar"]
     assert saved == {"pair_indices": [5, 6], "branch_stride": 128}
     ev = tmp_path / "ev"
     out = cli("stage=eval", f"model.path={fin / 'model'}", *TINY, "eval.max_samples=3",
-              "eval.max_new_tokens=4", run_dir=ev)
+              "eval.max_new_tokens=4", run_dir=ev, subprocess_run=True)
     report = json.loads((ev / "eval.json").read_text())
     assert list(report) == ["baseline", "sequential", "parallel"]
     assert "| em |" in out.stdout

@@ -235,15 +235,14 @@ def test_preset_parameter_counts(name, lo, hi):
 
 @pytest.mark.parametrize("init", [None, 0.02])
 def test_a_preset_initialises_its_weights_with_its_initializer_range(init):
-    # The default pipeline's quality depends on model=tiny's 0.08 (README: Measured figures), so
-    # the key must reach transformers' init, and an override must win over the preset.
+    # The default pipeline's quality depends on model=tiny's initializer_range (docs/results.md),
+    # so the key must reach transformers' init, and an override must win over the preset.
     cfg = load_preset("tiny")
     cfg.seed = 0
     if init is not None:
         cfg.initializer_range = init
     model, _ = build_model(cfg)
     expected = cfg.initializer_range
-    assert init is not None or expected == 0.08
     for weight in (model.model.layers[0].self_attn.q_proj.weight,
                    model.model.layers[-1].mlp.down_proj.weight, model.model.embed_tokens.weight):
         assert abs(weight.std().item() / expected - 1) < 0.05, (weight.shape, weight.std())
