@@ -42,7 +42,6 @@ from .prompts import JOINT_LINE_TOKENS, joint_prompt, parse_joint, single_prompt
 log = logging.getLogger(__name__)
 
 
-
 # --- official SQuAD v1.1 scoring ----------------------------------------------------------------
 
 def normalize_answer(text: str) -> str:

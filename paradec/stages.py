@@ -67,13 +67,13 @@ def _resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _explicit_overrides() -> dict[str, str]:
-    """``key -> value`` of the command-line overrides (to tell a user's choice from a default)."""
-    out = {}
-    for item in HydraConfig.get().overrides.task:
-        key, _, value = item.lstrip("+~").partition("=")
-        out[key] = value
-    return out
+def command_line() -> list[str]:
+    """The run's command-line overrides (``key=value`` and group choices); empty outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _key(item: str) -> str:
+    return item.lstrip("+~").partition("=")[0]
 
 
 def adopt_saved_columnar(run: Config) -> None:
@@ -88,7 +88,7 @@ def adopt_saved_columnar(run: Config) -> None:
     saved = models.saved_columnar_settings(run.model.path)
     if saved is None:
         return
-    explicit = _explicit_overrides()
+    explicit = {_key(item) for item in command_line()}  # a user's choice, not a default
     pairs, stride = [int(k) for k in saved["pair_indices"]], int(saved["branch_stride"])
     checks = (("model.pair_indices", run.model.pair_indices, pairs),
               ("model.branch_stride", run.model.branch_stride, stride),
@@ -295,15 +295,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Groups the stages of a pipeline do not take from its command line: the stage is the pipeline's
 # to choose, and a sweep definition configures the sweeper only.
 NOT_PASSED_TO_STAGES = ("stage", "sweep")
-
-
-def command_line() -> list[str]:
-    """The run's command-line overrides (``key=value`` and group choices); empty outside Hydra."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _key(item: str) -> str:
-    return item.lstrip("+~").partition("=")[0]
 
 
 def stage_config(stage: str, section, owned: dict | None = None,
