@@ -5,6 +5,9 @@ decode settings; ``parallel`` and ``sequential`` use the one columnar decoder wi
 alignment and stride (the same as training), ``baseline`` and ``batched`` the unpatched model.
 EM / F1 follow the official SQuAD v1.1 script: lower-case, strip punctuation and the articles
 a/an/the, collapse whitespace; the max over the gold answers; fractions in [0, 1].
+Under several processes each answers whole contexts in every mode and the main process
+scores the gathered answers: the same files, and with greedy decoding the same answers, as one
+process (:mod:`paradec.sharding`).
 
 Modes (DESIGN section 1):
   parallel    all questions of a context as branches of one sample, one forward per column;
@@ -38,6 +41,7 @@ from .config import COLUMNAR_MODES, MODES, DecodeConfig, EvalConfig
 from .decoding import DecodeResult, decode_columnar, decode_plain, decode_prefix
 from .layout import BranchSample
 from .prompts import JOINT_LINE_TOKENS, joint_prompt, parse_joint, single_prompts
+from .sharding import context_shards, contexts, merge_shards, sample_tokens, split_by_sample
 
 log = logging.getLogger(__name__)
 
@@ -247,21 +251,63 @@ def answer_text(tokenizer, tokens: list[int]) -> str:
 
 def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig, collator_cfg,
              out_dir: Path, tracker=None, progress: bool = True,
-             finetuned_format: str | None = None) -> dict:
+             finetuned_format: str | None = None) -> dict | None:
     """Run every mode of ``cfg.modes``; write ``eval.json`` and ``predictions.jsonl``.
+
+    Under several processes (``accelerate launch`` / ``torchrun``) each process answers its
+    share of whole contexts in every mode (:mod:`paradec.sharding`) and the main process gathers
+    the answers, scores them and writes the same files as one process would, plus what each
+    process did (``ranks``). Returns the report on the main process, None on the others.
 
     ``finetuned_format``: the ``collator.format`` paradec finetuned the model on (None: not
     finetuned by paradec); it decides ``eval.prompt=auto``."""
+    from accelerate.utils import gather_object
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    style = prompt_style(cfg.prompt, tokenizer, finetuned_format)
+    shards = context_shards(samples, state.num_processes, cfg.max_new_tokens)
+    mine = answer_shard(model, tokenizer, samples, shards[state.process_index], cfg,
+                        collator_cfg, style, progress=progress and state.is_main_process)
+    mine["rank"] = state.process_index
+    shares = gather_object([mine]) if state.num_processes > 1 else [mine]
+    if not state.is_main_process:
+        return None
+    return write_report(tokenizer, samples, shares, cfg, style, out_dir, tracker)
+
+
+def answer_shard(model, tokenizer, samples: Sequence[BranchSample], indices: list[int],
+                 cfg: EvalConfig, collator_cfg, style: str, progress: bool = True) -> dict:
+    """This process's share: the samples ``indices`` answered in every mode, with the costs."""
+    mine = [samples[i] for i in indices]
+    share = {"indices": list(indices), "contexts": len(contexts(mine)),
+             "n_questions": sum(len(s.branches) for s in mine),
+             "tokens": sum(sample_tokens(s, cfg.max_new_tokens) for s in mine), "modes": {}}
+    for mode in cfg.modes:
+        answers, result = run_mode(mode, model, mine, tokenizer=tokenizer,
+                                   collator_cfg=collator_cfg, decode_cfg=cfg.decode_config(),
+                                   batch_size=cfg.batch_size, prompt=style, progress=progress)
+        share["modes"][mode] = {
+            "answers": split_by_sample(mine, answers), "wall_s": result.wall_s,
+            "new_tokens": result.new_tokens, "forward_calls": result.forward_calls,
+            "peak_kv_tokens": result.peak_kv_tokens}
+    return share
+
+
+def write_report(tokenizer, samples: Sequence[BranchSample], shares: Sequence[dict],
+                 cfg: EvalConfig, style: str, out_dir: Path, tracker=None) -> dict:
+    """Score the answers of every process's share; write ``eval.json`` and ``predictions.jsonl``
+    and log them. A mode's wall time is its slowest process's, so ``questions_per_s`` is what
+    the processes achieved together; counts are summed and the KV peak is the largest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     questions = questions_of(samples)
-    decode_cfg = cfg.decode_config()
-    style = prompt_style(cfg.prompt, tokenizer, finetuned_format)
     report, records = {}, []
     for mode in cfg.modes:
-        answers, result = run_mode(mode, model, samples, tokenizer=tokenizer,
-                                   collator_cfg=collator_cfg, decode_cfg=decode_cfg,
-                                   batch_size=cfg.batch_size, prompt=style, progress=progress)
+        runs = [share["modes"][mode] for share in shares]
+        answers = merge_shards(len(samples), [(share["indices"], run["answers"])
+                                              for share, run in zip(shares, runs)])
         assert len(answers) == len(questions), (mode, len(answers), len(questions))
         em = f1 = 0.0
         for q, text in zip(questions, answers):
@@ -271,12 +317,19 @@ def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig,
                             "sample": q.sample, "prompt_tokens": len(q.prompt), "em": q_em,
                             "f1": q_f1})
         n = max(len(questions), 1)
+        wall_s = max(run["wall_s"] for run in runs)
         report[mode] = {
             "em": em / n, "f1": f1 / n, "n_questions": len(questions),
-            "wall_s": result.wall_s, "questions_per_s": len(questions) / max(result.wall_s, 1e-9),
-            "new_tokens": result.new_tokens, "forward_calls": result.forward_calls,
-            "peak_kv_tokens": result.peak_kv_tokens,
+            "wall_s": wall_s, "questions_per_s": len(questions) / max(wall_s, 1e-9),
+            "new_tokens": sum(run["new_tokens"] for run in runs),
+            "forward_calls": sum(run["forward_calls"] for run in runs),
+            "peak_kv_tokens": max(run["peak_kv_tokens"] for run in runs),
             "prompt": "columnar" if mode in COLUMNAR_MODES else style,
+            "processes": len(shares),
+            "ranks": [{"rank": share["rank"], "contexts": share["contexts"],
+                       "n_questions": share["n_questions"], "tokens": share["tokens"],
+                       "wall_s": run["wall_s"], "forward_calls": run["forward_calls"]}
+                      for share, run in zip(shares, runs)],
         }
         log.info("%s: EM %.3f F1 %.3f, %.1f questions/s", mode, report[mode]["em"],
                  report[mode]["f1"], report[mode]["questions_per_s"])

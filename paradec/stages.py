@@ -243,15 +243,20 @@ def _train(run: Config, run_dir: Path, cfg: DictConfig, task, accelerator, owner
 
 
 def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
-    """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl."""
+    """Answer every question of ``eval.split`` in each mode; write eval.json / predictions.jsonl.
+
+    Under ``accelerate launch`` / ``torchrun`` every process answers its share of the contexts
+    on its own device and the main process writes the one eval.json and wandb run
+    (:func:`paradec.evaluation.evaluate`); the report is returned there, None elsewhere."""
+    from accelerate import PartialState
+
     from .evaluation import check_memory, evaluate, first_contexts, format_table
-    from .training import finetuned_format
+    from .training import finetuned_format, shared_run_dir
 
     if not (run.model.path or run.model.gguf_file or run.model.arch == "hub"):
         raise ValueError("stage=eval needs a trained model: set model.path=<run dir>/model")
-    if not _is_main_process():  # under accelerate launch / torchrun: one evaluation, one eval.json
-        log.info("evaluation runs on the main process only")
-        return None
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run_dir = shared_run_dir(state, run_dir)  # one eval.json for all processes
     adopt_saved_columnar(run)
     task = load_task(run.data)
     model, tokenizer = models.load_model(run.model)
@@ -259,18 +264,18 @@ def eval_stage(run: Config, run_dir: Path, cfg: DictConfig):
         raise ValueError(f"model.path={run.model.path}: no tokenizer found beside the model")
     if "qa" not in task.kinds:
         raise ValueError(f"data={run.data.name} has no questions to evaluate (kinds {task.kinds})")
-    model.eval()
-    if torch.cuda.is_available():
-        model.cuda()
+    model.eval().to(state.device)
     dataset = task.dataset(run.eval.split, tokenizer, "qa", run.collator.max_branches)
     samples = first_contexts(dataset, run.eval.max_samples, run.eval.context_stride)
     check_memory(samples, run.eval, models.unwrap_model(model).config)
     name, group = _run_identity(run)
-    with Tracker(run_dir, logger_cfg=run.logger, config=_resolved(cfg), job_type="eval",
-                 name=name, group=group) as tracker:
+    with Tracker(run_dir, main_process=state.is_main_process, logger_cfg=run.logger,
+                 config=_resolved(cfg), job_type="eval", name=name, group=group) as tracker:
         report = evaluate(model, tokenizer, samples, run.eval, run.collator, run_dir,
                           tracker=tracker, progress=run.trainer.progress,
                           finetuned_format=finetuned_format(run.model.path))
+    if report is None:  # not the main process
+        return None
     print(format_table(report))
     log.info("wrote %s and %s", run_dir / "eval.json", run_dir / "predictions.jsonl")
     return report

@@ -488,15 +488,16 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def shared_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
-    """The main process's run dir, on every process.
+def shared_run_dir(state, run_dir: Path) -> Path:
+    """The main process's run dir, on every process (``state``: an ``Accelerator`` or an
+    accelerate ``PartialState``).
 
     Under ``accelerate launch`` / ``torchrun`` each process composes its own Hydra config, so a
-    ``${now:...}`` run dir can differ by a second between processes; checkpoints, resume and
-    ``model/`` must all use the main process's one.
+    ``${now:...}`` run dir can differ by a second between processes; checkpoints, resume,
+    ``model/`` and ``eval.json`` must all use the main process's one.
     """
     run_dir = Path(run_dir)
-    if accelerator.num_processes == 1:
+    if state.num_processes == 1:
         return run_dir
     from accelerate.utils import broadcast_object_list
 
@@ -504,7 +505,7 @@ def shared_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
     if shared != str(run_dir):
         log.warning("process %d: using the main process's run dir %s instead of %s (pass "
                     "hydra.run.dir=... to give every process the same one)",
-                    accelerator.process_index, shared, run_dir)
+                    state.process_index, shared, run_dir)
     return Path(shared)
 
 

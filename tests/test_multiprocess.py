@@ -5,6 +5,9 @@ one checkpoints dir and one model/, in the main process's run dir.
 On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` starts two CPU
 processes with torchrun; ``accelerate launch --cpu --num_processes 2`` does NOT (without
 ``--mpirun_hostfile`` it starts a single process), see docs/scaling.md.
+
+Evaluation runs on every process (each answers whole contexts) and must give the files a single
+process gives: the same predictions, token for token, each question once.
 """
 
 import json
@@ -25,14 +28,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PROCESS_ENV = {**ENV, "PARADEC_RANK_REPORT": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def run_checked(cmd, timeout):
+    out = subprocess.run(cmd, cwd=ROOT, env=PROCESS_ENV, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
 def launch(*args, timeout=400):
+    """``accelerate launch --multi_gpu --num_processes 2 run.py *args`` (two CPU processes)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "run.py", *args]
-    env = {**ENV, "PARADEC_RANK_REPORT": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out
+    return run_checked(cmd, timeout)
+
+
+def torchrun(*args, processes=2, timeout=400):
+    """``torchrun --nproc_per_node <processes> run.py *args``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+           "--master_port", str(free_port()), "run.py", *args]
+    return run_checked(cmd, timeout)
+
+
+def single(*args, timeout=400):
+    """``python run.py *args``: one process, the same environment as the launched ones."""
+    return run_checked([sys.executable, "run.py", *args], timeout)
 
 
 def test_batch_streams_of_two_ranks_are_disjoint():
@@ -91,14 +114,66 @@ def test_two_processes_train_one_run(two_process_run):
     assert not list(tmp_path.rglob("wandb/offline-run-*"))[1:]
 
 
-def test_two_processes_evaluate_once(two_process_run, tmp_path):
-    tiny = [o for o in TINY if not o.startswith("logger")]
+def predictions(run_dir):
+    """``{(id, mode): record}`` of predictions.jsonl; fails on a question answered twice."""
+    out = {}
+    for line in (run_dir / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        key = (record["id"], record["mode"])
+        assert key not in out, f"{key} answered twice"
+        out[key] = record
+    return out
+
+
+ALL_MODES = "eval.modes=[parallel,sequential,baseline,batched,prefix,joint]"
+
+
+def test_two_processes_evaluate_like_one(two_process_run, tmp_path):
+    """A branch-count sweep of evaluations (Hydra multirun) on two processes (torchrun) and on
+    one: each job has one eval.json, one predictions.jsonl and one wandb run, and the same
+    answers, token for token. 3 questions per sample, so a context of 4 spans two samples."""
+    tiny = [o for o in TINY if not o.startswith("logger")] + ["logger.mode=offline"]
     model = two_process_run / "rank0" / "model"
-    ev = tmp_path / "ev"
-    launch("stage=eval", f"model.path={model}", *tiny, "logger.mode=offline",
-           "eval.max_samples=2", "eval.max_new_tokens=3", f"hydra.run.dir={ev}")
-    assert list(json.loads((ev / "eval.json").read_text())) == ["baseline", "sequential",
-                                                                "parallel"]
-    assert len(wandb_runs(ev)) == 1
-    lines = (ev / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == len({(json.loads(line)["id"], json.loads(line)["mode"]) for line in lines})
+    args = ["-m", "stage=eval", f"model.path={model}", *tiny, ALL_MODES, "eval.max_samples=5",
+            "eval.max_new_tokens=4", "eval.batch_size=2", "collator.branches_per_sample=1,3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    single(*args, f"hydra.sweep.dir={one}")
+    torchrun(*args, f"hydra.sweep.dir={two}")
+    for job in ("0", "1"):
+        want, got = predictions(one / job), predictions(two / job)
+        assert got == want  # every question once per mode, the same answer and scores
+        assert {mode for _, mode in got} == {"parallel", "sequential", "baseline", "batched",
+                                            "prefix", "joint"}
+        single_report = json.loads((one / job / "eval.json").read_text())
+        report = json.loads((two / job / "eval.json").read_text())
+        assert list(report) == list(single_report)
+        for mode, row in report.items():
+            for key in ("em", "f1", "n_questions", "new_tokens"):
+                assert row[key] == single_report[mode][key], (job, mode, key)
+            assert row["processes"] == 2 and single_report[mode]["processes"] == 1
+            ranks = row["ranks"]
+            assert [r["rank"] for r in ranks] == [0, 1]
+            assert all(r["n_questions"] > 0 for r in ranks)  # both processes answered
+            assert sum(r["n_questions"] for r in ranks) == row["n_questions"] == 20
+            assert sum(r["contexts"] for r in ranks) == 5  # no context split over processes
+            assert row["wall_s"] == max(r["wall_s"] for r in ranks)
+            assert row["questions_per_s"] == pytest.approx(row["n_questions"] / row["wall_s"])
+        assert len(wandb_runs(two / job)) == 1
+    # The sample index of a question is the same as in one process; K=3 gives 2 samples per context.
+    assert max(r["sample"] for r in predictions(two / "1").values()) == 9
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_two_processes_evaluates_on_both(tmp_path):
+    """stage=pipeline under accelerate launch: training and evaluation on both processes, one
+    eval.json and predictions.jsonl on top, each question once per mode."""
+    launch("stage=pipeline", *TINY, "trainer.eval_every=0", "trainer.threads=1",
+           "pipeline.pretrain.trainer.max_steps=2", "pipeline.finetune.trainer.max_steps=2",
+           "pipeline.eval.eval.max_samples=3", "eval.max_new_tokens=3",
+           f"hydra.run.dir={tmp_path}")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"baseline", "sequential", "parallel"}
+    for row in report.values():
+        assert row["processes"] == 2 and row["n_questions"] == 12
+        assert sum(r["n_questions"] for r in row["ranks"]) == 12
+    assert len(predictions(tmp_path)) == 3 * 12
