@@ -8,6 +8,12 @@ reported by name and skipped for the newest intact one. Weights are safetensors
 (``save_pretrained``); optimizer and scheduler states load with ``torch.load(weights_only=True)``;
 RNG states, the data position, the run id, the wandb run id, the resolved config and the git
 commit are JSON.
+
+Under FSDP the optimizer state stays sharded: every process writes its shard into the staging
+directory's ``optimizer/`` (``torch.distributed.checkpoint``: one file per process and a
+``.metadata``) before the main process writes the rest, the manifest (which then lists the
+shards too) and renames the directory. Loading reshards, so an FSDP run may resume on another
+number of processes. The weights are saved whole in either case (``model/``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 MANIFEST = "manifest.json"
+OPTIMIZER_FILE = "optimizer.pt"  # the whole optimizer state (one process, DDP)
+SHARDED_OPTIMIZER = "optimizer"  # the optimizer state, one shard per process (FSDP)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +70,36 @@ def set_rng_state(state: dict, torch_state: torch.Tensor | None) -> None:
         torch.set_rng_state(torch_state)
 
 
-def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler,
-                    trainer_state: dict, keep_last: int = 2, state_dict: dict | None = None) -> Path:
-    """Write a complete checkpoint for ``step`` atomically; keep only the newest ``keep_last``."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}"
+def staging_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is renamed to its final name."""
+    return Path(root) / f".tmp-{step_dir(root, step).name}"
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """An empty staging directory for ``step`` (what a killed write left there is removed)."""
+    tmp = staging_dir(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler,
+                    trainer_state: dict, keep_last: int = 2, state_dict: dict | None = None,
+                    sharded_optimizer: bool = False) -> Path:
+    """Write a complete checkpoint for ``step`` atomically; keep only the newest ``keep_last``.
+
+    ``sharded_optimizer``: every process has already written its shard of the optimizer state
+    into the staging directory (:func:`begin_checkpoint`, :func:`save_sharded_optimizer`);
+    ``optimizer`` is then not saved here."""
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = staging_dir(root, step) if sharded_optimizer else begin_checkpoint(root, step)
     model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if not sharded_optimizer:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     state = {**trainer_state, "step": step, "rng": rng_state(), "git_commit": git_commit()}
@@ -89,6 +113,35 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_sharded_optimizer(model, optimizer, directory: Path) -> None:
+    """Every process writes its shard of the optimizer state of an FSDP ``model`` to
+    ``directory``; a collective call (every process, together)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=str(directory))
+
+
+def load_sharded_optimizer(model, optimizer, directory: Path) -> None:
+    """Restore, in place, the optimizer state that :func:`save_sharded_optimizer` wrote (on any
+    number of processes: each reads the parts of the shards it now holds); collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def has_sharded_optimizer(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds a sharded (FSDP) optimizer state."""
+    return (Path(path) / SHARDED_OPTIMIZER).is_dir()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -143,14 +196,16 @@ def latest_checkpoint(root: Path, run_id: str | None = None) -> Path | None:
 
 
 def load_training_state(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states in place; return the trainer state dict."""
+    """Restore optimizer (``None``: restored by :func:`load_sharded_optimizer`), scheduler and
+    RNG states in place; return the trainer state dict."""
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{path} is not a paradec checkpoint (no trainer_state.json)")
     problem = checkpoint_problem(path)
     if problem is not None:
         raise FileNotFoundError(f"checkpoint {path} is damaged: {problem}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())
     set_rng_state(state["rng"], torch.load(path / "rng.pt", weights_only=True)["torch"])

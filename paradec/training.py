@@ -131,11 +131,29 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds only a shard of the weights and optimizer state (FSDP)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def resume_from(self, path: Path) -> None:
         """Restore everything but the weights (loaded with the model) from checkpoint ``path``;
         the optimizer settings of this run's config then apply (they equal the checkpoint's
         unless ``trainer.allow_changes`` lets them differ)."""
-        state = ckpt.load_training_state(path, self.optimizer, self.scheduler)
+        sharded = ckpt.has_sharded_optimizer(path)
+        if sharded != self.sharded:
+            saved, now = ("an FSDP", "without FSDP") if sharded else ("a non-FSDP", "under FSDP")
+            raise ValueError(
+                f"trainer.resume: checkpoint {path} holds the optimizer state of {saved} run, "
+                f"and this run is {now}: resume it with the launch settings it was saved with, "
+                f"or start a new run from its weights (model.path={Path(path) / 'model'})")
+        state = ckpt.load_training_state(path, None if sharded else self.optimizer,
+                                         self.scheduler)
+        if sharded:
+            ckpt.load_sharded_optimizer(self.model, self.optimizer,
+                                        Path(path) / ckpt.SHARDED_OPTIMIZER)
         apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg)
         self.stream.load_state_dict(state["data"])
         self.collator.load_state_dict(_collator_state_from_json(state["collator"]))
@@ -145,16 +163,23 @@ class Trainer:
     def _gathered_state_dict(self) -> dict | None:
         """Under FSDP the full weights must be gathered on every process before rank 0 saves
         them (``accelerator.get_state_dict``); elsewhere ``save_pretrained`` reads the model."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.FSDP:
+        if self.sharded:
             return self.accelerator.get_state_dict(self.model)
         return None
 
     def save_checkpoint(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
+        acc = self.accelerator
+        acc.wait_for_everyone()
         state_dict = self._gathered_state_dict()
-        if not self.accelerator.is_main_process:
+        if self.sharded:  # every process writes its optimizer shard before the main one finishes
+            if acc.is_main_process:
+                ckpt.begin_checkpoint(self.checkpoint_root, self.step)
+            acc.wait_for_everyone()
+            staging = ckpt.staging_dir(self.checkpoint_root, self.step)
+            ckpt.save_sharded_optimizer(self.model, self.optimizer,
+                                        staging / ckpt.SHARDED_OPTIMIZER)
+            acc.wait_for_everyone()
+        if not acc.is_main_process:
             return None
         state = {
             "data": self.stream.state_dict(),
@@ -166,7 +191,8 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.checkpoint_root, self.step, model=self.accelerator.unwrap_model(self.model),
             tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state=state, keep_last=self.cfg.keep_checkpoints, state_dict=state_dict)
+            trainer_state=state, keep_last=self.cfg.keep_checkpoints, state_dict=state_dict,
+            sharded_optimizer=self.sharded)
 
     # -- one step ------------------------------------------------------------------------------
     def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
