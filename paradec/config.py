@@ -333,7 +333,7 @@ class BenchConfig:
     model: Optional[str] = "minimind2_small"  # a conf/model preset built with random weights; null = the composed `model` group (e.g. model.path=<run>/model)
     threads: int = 1  # torch.set_num_threads, reported in bench.json (0 = torch's default, all cores)
     seed: int = 0  # weight init and the random tokens of the workload
-    clock: str = "auto"  # clock of every ratio: cpu (process CPU time), wall, or auto (cpu with 1 thread, else wall); both are reported
+    clock: str = "auto"  # clock of every ratio: cpu (process CPU time), wall, or auto (cpu with 1 thread on CPU, else wall); both are reported
     # Decoding workload: `contexts` contexts of context_tokens tokens, each with K questions of
     # question_tokens tokens; every answer gets exactly new_tokens tokens (EOS ignored), greedy.
     branches: list = field(default_factory=lambda: [1, 2, 4, 8, 16])  # the K values

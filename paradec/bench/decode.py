@@ -82,17 +82,18 @@ class BareForwards:
     def __init__(self, model, sample: BranchSample, new_tokens: int, collator: CollatorConfig,
                  pad_id: int, vocab: int):
         self.model = model
+        device = next(model.parameters()).device
         layout = build_layout(prompts_only([sample]), align_to=collator.align_to,
                               interleave=True, branch_stride=collator.branch_stride,
-                              pad_id=pad_id)
+                              pad_id=pad_id).to(device)
         layout.isolate_branches = collator.isolate_branches
         self.prefill = dict(input_ids=layout.input_ids, position_ids=layout.pos2d,
                             attention_mask=layout_attention_mask(model, layout),
                             logits_to_keep=layout.last_index.clamp(min=0))
         self.prefill_tokens = int(layout.input_ids.shape[1])
         K = layout.last_index.shape[1]
-        q_branch = torch.arange(1, K + 1)[None]
-        q_valid = torch.ones(1, K, dtype=torch.bool)
+        q_branch = torch.arange(1, K + 1, device=device)[None]
+        q_valid = torch.ones(1, K, dtype=torch.bool, device=device)
         cached = (layout.column, layout.valid, layout.branch)
         gen = torch.Generator().manual_seed(0)
         self.steps = []
@@ -101,7 +102,7 @@ class BareForwards:
             cached, mask, pos2d = step_inputs(model, cached, q_column, q_valid, q_branch,
                                               branch_stride=collator.branch_stride,
                                               isolate_branches=collator.isolate_branches)
-            self.steps.append(dict(input_ids=torch.randint(0, vocab, (1, K), generator=gen),
+            self.steps.append(dict(input_ids=torch.randint(0, vocab, (1, K), generator=gen).to(device),
                                    position_ids=pos2d, attention_mask=mask))
 
     @torch.no_grad()

@@ -43,7 +43,8 @@ def bench_model(run, cfg: BenchConfig):
     else:
         model, tokenizer = models.load_model(run.model)
         name = run.model.path or run.model.hub_id or run.model.name
-    return model.eval(), tokenizer, str(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.eval().to(device), tokenizer, str(name)
 
 
 def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
@@ -70,7 +71,7 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
     log.info("bench: %s (%.2fM parameters), %d thread(s), K in %s, modes %s", name,
              models.count_parameters(model) / 1e6, torch.get_num_threads(), list(bcfg.branches),
              list(bcfg.modes))
-    clock = resolve_clock(bcfg.clock, torch.get_num_threads())
+    clock = resolve_clock(bcfg.clock, torch.get_num_threads(), gpu=model.device.type == "cuda")
     workload = make_workload(bcfg, vocab)
     rows, limits, speed, bare = bench_decoding(decoder, workload, bcfg, vocab, clock)
     report = {

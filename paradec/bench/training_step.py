@@ -31,7 +31,8 @@ def bench_training(model, cfg: BenchConfig, branch_stride: int, vocab: int,
                             [Branch([], draw(cfg.train_branch_tokens))
                              for _ in range(cfg.train_branches)])
                for _ in range(cfg.train_batch)]
-    layout = build_layout(samples, branch_stride=branch_stride, loss_on="target")
+    layout = build_layout(samples, branch_stride=branch_stride, loss_on="target").to(
+        next(model.parameters()).device)
     ids = layout.input_ids
     causal_labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)), 1)
     # lr 0: the optimizer does all its work but the weights stay as they were.
