@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=$${WANDB_MODE:-offline}
 
-.PHONY: install demo test lint bench-layout clean
+.PHONY: install demo test lint gpu-check bench-layout clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test: install
 # The linter (settings in pyproject.toml); CI runs it before the tests.
 lint: install
 	$(PY) -m ruff check .
+
+# On a CUDA machine (make TORCH=torch install first): the tests marked cuda, then stage=bench on
+# the GPU, one summary table, in at most 10 minutes. Exit 1 on any failure, 3 without a GPU.
+gpu-check: install
+	$(OFFLINE) $(PY) scripts/gpu_check.py
 
 bench-layout: install
 	$(PY) -m paradec.bench layout

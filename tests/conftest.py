@@ -24,6 +24,18 @@ TOKENIZER_CORPUS = [
 ] * 20
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip on a machine without a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs these)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """A small byte-level BPE tokenizer (eos = pad = <|endoftext|>), trained on a few sentences."""
