@@ -174,7 +174,6 @@ def test_two_processes_evaluate_like_one(two_process_run, tmp_path):
     assert max(r["sample"] for r in predictions(two / "1").values()) == 9
 
 
-@pytest.mark.slow
 def test_a_pipeline_on_two_processes_evaluates_on_both(tmp_path):
     """stage=pipeline under accelerate launch: training and evaluation on both processes, one
     eval.json and predictions.jsonl on top, each question once per mode."""
