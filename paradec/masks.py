@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import COLUMNAR_SDPA
+
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
@@ -60,11 +62,14 @@ def model_attention_mask(mask: torch.Tensor, attn_implementation: str, dtype: to
 
     ``sdpa``: the bool mask itself. ``eager``: additive float, 0 where attended and
     ``finfo(dtype).min`` elsewhere (a bool mask there would be silently wrong; ``-inf`` would give
-    NaN). ``flex_attention`` needs a BlockMask built from the columns: see :func:`flex_block_mask`.
+    NaN). paradec's :data:`~paradec.attention.COLUMNAR_SDPA` takes the same additive float: one
+    copy that every layer and query chunk shares (sdpa converts a bool mask in every call, and
+    the backward keeps each conversion). ``flex_attention`` needs a BlockMask built from the
+    columns: see :func:`flex_block_mask`.
     """
     if attn_implementation == "sdpa":
         return mask
-    if attn_implementation == "eager":
+    if attn_implementation in ("eager", COLUMNAR_SDPA):
         out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return out.masked_fill_(~mask, torch.finfo(dtype).min)
     if attn_implementation == "flex_attention":

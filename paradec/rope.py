@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .attention import use_columnar_sdpa
 from .layout import BRANCH_STRIDE
 
 CONFIG_KEY = "columnar"
@@ -160,6 +161,8 @@ def patch_model(model: nn.Module, pair_indices: Sequence[int], branch_stride: in
     else:
         _check_rope_type(rotary)
         setattr(parent, name, ColumnarRotaryEmbedding(rotary, pair_indices))
+    # Columnar masks skip what they rule out (paradec.attention), where the model runs sdpa.
+    use_columnar_sdpa(unwrap_model(model))
     # A plain dict attribute of the config: save_pretrained writes it into config.json.
     unwrap_model(model).config.columnar = {"pair_indices": pair_indices,
                                       "branch_stride": int(branch_stride)}

@@ -1,0 +1,110 @@
+"""Scaled dot-product attention for columnar masks: the work a mask rules out is never done.
+
+Invariant: :func:`columnar_sdpa_forward` returns what transformers' ``sdpa`` returns for the same
+query, keys, values and mask (up to float rounding); it only chooses how the work is cut. Two
+savings, both exact:
+
+- **Keys no query attends are skipped.** Queries go in chunks of :data:`QUERY_CHUNK` rows, and a
+  chunk attends only the keys up to the last one any of its rows may see. In the interleaved
+  layout (DESIGN section 1) a token attends no key after itself, so a training step or a prefill
+  costs about what a causal (``is_causal``) one costs instead of the full square; any other mask
+  is still right, only less is saved. The CPU kernel with a dense mask computes every block.
+- **Grouped-query attention without copying the KV heads.** transformers' ``sdpa`` repeats every
+  cached key and value head for each query head of its group whenever a mask is given and more
+  than one token is fed: a column step of K branches would copy the whole KV cache in every
+  layer. Here the group's query heads become rows against their one KV head instead, with the
+  head-shared mask repeated for them; under autograd (training) each head of the group is one
+  call, so no copy of the mask is kept for the backward either.
+
+Everything else (no mask, a float mask, dropout, a position bias) goes to transformers' own
+``sdpa`` unchanged, so a model patched with it is the plain model for the unpatched modes.
+Registered as :data:`COLUMNAR_SDPA` with transformers' ``AttentionInterface`` (and ``sdpa``'s
+mask builder), which is what a columnar model runs when ``model.attn_implementation=sdpa``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+COLUMNAR_SDPA = "paradec_sdpa"
+# Rows of queries per kernel call when keys can be skipped: small enough that a chunk's keys end
+# close to its own rows (the saving), large enough that the kernel stays efficient (measured on
+# a 4K-token training step: 256 is within a few % of is_causal attention, 1024 ~10% slower).
+QUERY_CHUNK = 256
+
+
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask lets a query attend: True in a bool mask, above the dtype's minimum (the
+    fill of a blocked key) in an additive float one."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+
+
+def key_extents(mask: torch.Tensor, chunk: int) -> list[int]:
+    """For each chunk of ``chunk`` query rows of a mask ``[B, 1, Lq, Lk]``: one past the last
+    key any row of the chunk (in any batch row) may attend. One host sync for all chunks."""
+    Lq, Lk = mask.shape[2], mask.shape[3]
+    reach = torch.stack([allowed(mask[:, 0, a:a + chunk]).any(1).any(0)
+                         for a in range(0, Lq, chunk)])
+    return (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, plus one
+
+
+def _attend(query, key, value, mask, scale):
+    """sdpa of ``query [B, H, n, d]`` against ``key``/``value`` ``[B, Hkv, S, d]`` under the
+    head-shared ``mask [B, 1, n, S]``, without repeating a KV head."""
+    B, H, n, d = query.shape
+    groups = H // key.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    if torch.is_grad_enabled() and query.requires_grad:
+        # One call per member of a group (query heads r, r + groups, ... with KV heads 0, 1,
+        # ...): every call gets the same mask tensor, so the backward keeps it once.
+        parts = [F.scaled_dot_product_attention(query[:, r::groups], key, value, attn_mask=mask,
+                                                scale=scale) for r in range(groups)]
+        return torch.stack(parts, 2).reshape(B, H, n, d)
+    # Query heads g * groups + r share KV head g: rows (r, token) of one call per KV head.
+    rows = query.reshape(B, key.shape[1], groups * n, d)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask.repeat(1, 1, groups, 1),
+                                         scale=scale)
+    return out.reshape(B, H, n, d)
+
+
+def columnar_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: ``query [B, H, Lq, d]``, ``key``/``value``
+    ``[B, Hkv, Lk, d]``, a bool or additive float ``attention_mask``; returns
+    ``(output [B, Lq, H, d], None)`` (see the module docstring)."""
+    mask = attention_mask
+    plain = (mask is None or mask.dim() != 4 or mask.shape[1] != 1
+             or mask.shape[2:] != (query.shape[2], key.shape[2])
+             or dropout or kwargs.get("position_bias") is not None
+             or kwargs.get("output_attentions") or query.shape[1] % key.shape[1])
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    Lq = query.shape[2]
+    if Lq <= QUERY_CHUNK:
+        out = _attend(query, key, value, mask, scaling)
+    else:
+        out = torch.cat([_attend(query[:, :, a:a + QUERY_CHUNK], key[:, :, :end],
+                                 value[:, :, :end], mask[..., a:a + QUERY_CHUNK, :end], scaling)
+                         for a, end in zip(range(0, Lq, QUERY_CHUNK),
+                                           key_extents(mask, QUERY_CHUNK))], 2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(COLUMNAR_SDPA, columnar_sdpa_forward)
+AttentionMaskInterface.register(COLUMNAR_SDPA, sdpa_mask)
+
+
+def use_columnar_sdpa(model: nn.Module) -> None:
+    """Run ``model`` (unwrapped, e.g. from peft) with :data:`COLUMNAR_SDPA` where it runs
+    ``sdpa``; other implementations (eager, flex_attention) stay as they are."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(COLUMNAR_SDPA)
