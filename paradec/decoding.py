@@ -28,12 +28,17 @@ from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from .config import DecodeConfig
 from .layout import BRANCH_STRIDE, Branch, BranchSample, build_layout
 from .masks import mask_for_model
 from .models import cache_kwargs, forward_layout
 from .rope import unwrap_model
+
+# Called after each new column / token: (t, tokens [B, K], emitted [B, K]); t = 0 right after
+# the prefill, so a caller can time the prefill and the steps apart, or stream answers.
+OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -115,7 +120,7 @@ def step_inputs(model, cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int | None,
                     pad_token_id: int = 0, align_to: str = "left", branch_stride: int = BRANCH_STRIDE,
                     isolate_branches: bool = False, cfg: DecodeConfig,
-                    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                    on_step: OnStep | None = None,
                     keep_logits: bool = False) -> DecodeResult:
     """Decode every branch of every sample in parallel (see the module docstring).
 
@@ -198,14 +203,32 @@ def count_forwards(model):
         handle.remove()
 
 
+class _StepStreamer(BaseStreamer):
+    """``generate``'s streamer as an ``on_step(t, tokens [B, 1], emitted [B, 1])`` callback:
+    ``generate`` first puts the prompt, then each new token of every row."""
+
+    def __init__(self, on_step: OnStep):
+        self.on_step, self.t = on_step, -1
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.t >= 0:
+            tokens = value.reshape(-1, 1)
+            self.on_step(self.t, tokens, torch.ones_like(tokens, dtype=torch.bool))
+        self.t += 1
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, pad_token_id: int,
-                 cfg: DecodeConfig) -> DecodeResult:
+                 cfg: DecodeConfig, on_step: OnStep | None = None) -> DecodeResult:
     """Plain causal decoding of ``rows`` (token lists) as one left-padded batch via ``generate``.
 
     With the columnar rotary module, plain ``[B, L]`` positions mean "column = index, branch 0",
     which is exactly the unpatched model: this is the baseline a user of the model has today.
-    Returns one "sample" per row with one branch each.
+    Returns one "sample" per row with one branch each. ``on_step`` as in
+    :func:`decode_columnar` (through ``generate``'s streamer; rows that finished are still fed).
     """
     cfg = cfg.validate()
     start = time.perf_counter()
@@ -226,7 +249,9 @@ def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, 
     with count_forwards(model) as calls:
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens,
                              min_new_tokens=cfg.max_new_tokens if cfg.ignore_eos else None,
-                             eos_token_id=stop, pad_token_id=pad_token_id, **sample_kwargs)
+                             eos_token_id=stop, pad_token_id=pad_token_id,
+                             streamer=_StepStreamer(on_step) if on_step else None,
+                             **sample_kwargs)
     new = gen[:, width:]
     if stop is not None:  # cut after the first EOS (generate pads finished rows)
         is_eos = new == stop
@@ -249,7 +274,8 @@ def common_prefix_length(rows: Sequence[list[int]]) -> int:
 
 @torch.no_grad()
 def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
-                  pad_token_id: int, cfg: DecodeConfig) -> DecodeResult:
+                  pad_token_id: int, cfg: DecodeConfig,
+                  on_step: OnStep | None = None) -> DecodeResult:
     """Prefix caching on the unpatched model: the rows' common prefix (the context) is prefilled
     once into a ``DynamicCache`` that every row then shares (expanded to the rows), the rest of
     each row (its question) is prefilled as one right-padded batch, then all rows decode in one
@@ -258,7 +284,8 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
     Positions and the 2D attention mask make each row compute what it computes alone: it sees
     the prefix, its own suffix (never the padding) and its own new tokens, at positions
     ``len(row) + t``; so greedy answers equal :func:`decode_plain`'s one row at a time. A step
-    makes one host sync (whether any row still writes).
+    makes one host sync (whether any row still writes). ``on_step`` as in
+    :func:`decode_columnar` (tokens and emitted ``[rows, 1]``).
     """
     cfg = cfg.validate()
     start = time.perf_counter()
@@ -295,6 +322,8 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
         emitted = active
         out[:, t] = torch.where(emitted, token, pad_token_id)
         written += emitted
+        if on_step is not None:
+            on_step(t, token[:, None], emitted[:, None])
         if eos_token_id is not None and not cfg.ignore_eos:
             active = emitted & (token != eos_token_id)
         if t == cfg.max_new_tokens - 1 or not bool(active.any()):

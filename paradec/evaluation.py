@@ -38,7 +38,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from .config import COLUMNAR_MODES, MODES, DecodeConfig, EvalConfig
-from .decoding import DecodeResult, decode_columnar, decode_plain, decode_prefix
+from .decoding import DecodeResult, OnStep, decode_columnar, decode_plain, decode_prefix
 from .layout import BranchSample
 from .prompts import JOINT_LINE_TOKENS, joint_prompt, parse_joint, single_prompts
 from .sharding import context_shards, contexts, merge_shards, sample_tokens, split_by_sample
@@ -135,17 +135,20 @@ def prompt_style(requested: str, tokenizer, finetuned_format: str | None) -> str
 def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, collator_cfg,
              decode_cfg: DecodeConfig, batch_size: int, prompt: str = "plain",
              progress: bool = True, eos_token_id: int | None = None,
-             pad_token_id: int | None = None) -> tuple[list[str], DecodeResult]:
+             pad_token_id: int | None = None,
+             on_step: OnStep | None = None) -> tuple[list[str], DecodeResult]:
     """Decode every question of ``samples`` in ``mode``: the one dispatch over the modes, for
     evaluation and the speed benchmark alike. Returns the answer texts in :func:`questions_of`
     order and the merged costs. ``prompt`` (chat | plain) is how the unpatched modes ask.
 
-    ``tokenizer=None`` decodes token workloads (``prompt=plain``, no joint mode) with the given
-    ``eos_token_id`` / ``pad_token_id`` and returns no texts.
+    ``tokenizer=None`` decodes token workloads (``prompt=plain``; a joint prompt is then the
+    context and the questions' tokens in a row, with no numbering) with the given
+    ``eos_token_id`` / ``pad_token_id`` and returns no texts. ``on_step`` goes to the decoder of
+    every unit (:data:`paradec.decoding.OnStep`; ``t`` restarts at 0 with each unit).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
-    if tokenizer is None and (mode == "joint" or prompt != "plain"):
+    if tokenizer is None and prompt != "plain":
         raise ValueError(f"mode {mode} with prompt {prompt} needs a tokenizer")
     if tokenizer is not None:
         eos_token_id, pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -160,6 +163,8 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
         units = [[row] for s in samples for row in single_prompts(s, tokenizer, prompt)]
     elif mode in ("batched", "prefix"):  # a sample's questions per batch, in rows of their own
         units = [single_prompts(s, tokenizer, prompt) for s in samples]
+    elif tokenizer is None:  # joint on a token workload: nothing to number the questions with
+        units = [[s.background + [t for b in s.branches for t in b.prompt]] for s in samples]
     else:  # joint: one prompt, one sequence per sample
         units = [[joint_prompt(s, tokenizer, prompt)] for s in samples]
     total = DecodeResult(tokens=[])
@@ -170,18 +175,21 @@ def run_mode(mode: str, model, samples: Sequence[BranchSample], *, tokenizer, co
             result = decode_columnar(
                 model, unit, eos_token_id=eos, pad_token_id=pad, align_to=collator_cfg.align_to,
                 branch_stride=collator_cfg.branch_stride,
-                isolate_branches=collator_cfg.isolate_branches, cfg=decode_cfg)
+                isolate_branches=collator_cfg.isolate_branches, cfg=decode_cfg, on_step=on_step)
         elif mode == "joint":
             n = len(samples[i].branches)
             budget = dataclasses.replace(
                 decode_cfg, max_new_tokens=n * (decode_cfg.max_new_tokens + JOINT_LINE_TOKENS))
-            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=budget)
-            answers += parse_joint(answer_text(tokenizer, result.tokens[0][0]), n)
+            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=budget,
+                                  on_step=on_step)
+            if tokenizer is not None:
+                answers += parse_joint(answer_text(tokenizer, result.tokens[0][0]), n)
         elif mode == "prefix":
             result = decode_prefix(model, unit, eos_token_id=eos, pad_token_id=pad,
-                                   cfg=decode_cfg)
+                                   cfg=decode_cfg, on_step=on_step)
         else:
-            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg)
+            result = decode_plain(model, unit, eos_token_id=eos, pad_token_id=pad, cfg=decode_cfg,
+                                  on_step=on_step)
         if mode != "joint" and tokenizer is not None:
             answers += [answer_text(tokenizer, branch) for sample in result.tokens
                         for branch in sample]

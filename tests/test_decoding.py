@@ -208,3 +208,56 @@ def test_plain_decoding_counts_the_forwards_of_a_lora_model_too():
     plain = decode_plain(model, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)
     wrapped = decode_plain(lora, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)
     assert plain.forward_calls == wrapped.forward_calls == 5  # one per new token
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential", "prefix", "batched", "baseline",
+                                  "joint"])
+def test_on_step_sees_every_new_column_of_every_unit(mode):
+    """``t`` runs 0 .. T-1 once per decoder call (t = 0 right after its prefill), whatever the
+    decoder: what the benchmark times the prefill and the steps apart with."""
+    from paradec.config import CollatorConfig
+    from paradec.evaluation import run_mode
+
+    model = tiny_model(pair_indices=[7, 8])
+    samples = random_samples(2, seed=4)
+    T = 3
+    seen = []
+    _, result = run_mode(mode, model, samples, tokenizer=None, collator_cfg=CollatorConfig(),
+                         decode_cfg=DecodeConfig(max_new_tokens=T, ignore_eos=True),
+                         batch_size=1, progress=False, eos_token_id=EOS, pad_token_id=PAD,
+                         on_step=lambda t, tokens, emitted: seen.append(
+                             (t, tuple(tokens.shape), bool(emitted.any()))))
+    questions = [len(s.branches) for s in samples]
+    units, width, per_unit = {
+        "parallel": (len(samples), max(questions), T),
+        "sequential": (sum(questions), 1, T), "baseline": (sum(questions), 1, T),
+        "prefix": (len(samples), None, T), "batched": (len(samples), None, T),
+        "joint": (len(samples), 1, None)}[mode]
+    starts = [i for i, (t, _, _) in enumerate(seen) if t == 0]
+    assert len(starts) == units and all(emitted for _, _, emitted in seen)
+    for a, b in zip(starts, starts[1:] + [len(seen)]):
+        ts = [t for t, _, _ in seen[a:b]]
+        assert ts == list(range(b - a))  # every column, in order
+        if per_unit is not None:
+            assert b - a == per_unit
+    if width == 1:
+        assert all(shape[1] == 1 for _, shape, _ in seen)
+    # every token a unit emits is shown once (EOS ignored: every slot of every call)
+    assert result.new_tokens == sum(shape[0] * shape[1] for _, shape, _ in seen)
+
+
+def test_joint_on_a_token_workload_reads_the_questions_in_a_row():
+    from paradec.config import CollatorConfig
+    from paradec.evaluation import run_mode
+    from paradec.prompts import JOINT_LINE_TOKENS
+
+    model = tiny_model(pair_indices=[7, 8])
+    sample = BranchSample([5, 6, 7], [Branch([8, 9], []), Branch([10], [])])
+    cfg = DecodeConfig(max_new_tokens=2, ignore_eos=True)
+    texts, joint = run_mode("joint", model, [sample], tokenizer=None,
+                            collator_cfg=CollatorConfig(), decode_cfg=cfg, batch_size=1,
+                            progress=False, eos_token_id=EOS, pad_token_id=PAD)
+    alone = decode_plain(model, [[5, 6, 7, 8, 9, 10]], eos_token_id=EOS, pad_token_id=PAD,
+                         cfg=DecodeConfig(max_new_tokens=2 * (2 + JOINT_LINE_TOKENS),
+                                          ignore_eos=True))
+    assert texts == [] and joint.tokens == alone.tokens
