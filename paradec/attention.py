@@ -12,9 +12,10 @@ savings, both exact:
 - **Grouped-query attention without copying the KV heads.** transformers' ``sdpa`` repeats every
   cached key and value head for each query head of its group whenever a mask is given and more
   than one token is fed: a column step of K branches would copy the whole KV cache in every
-  layer. Here the group's query heads become rows against their one KV head instead, with the
-  head-shared mask repeated for them; under autograd (training) each head of the group is one
-  call, so no copy of the mask is kept for the backward either.
+  layer. Here, for a few queries (a column step), the group's query heads become rows against
+  their one KV head, with the small head-shared mask repeated for them; for many (a prefill, a
+  training step) each member of a group is one call against the KV heads with the same mask
+  tensor, so nothing is copied and the backward keeps the mask once.
 
 Everything else (no mask, a float mask, dropout, a position bias) goes to transformers' own
 ``sdpa`` unchanged, so a model patched with it is the plain model for the unpatched modes.
@@ -46,11 +47,20 @@ def allowed(mask: torch.Tensor) -> torch.Tensor:
 
 def key_extents(mask: torch.Tensor, chunk: int) -> list[int]:
     """For each chunk of ``chunk`` query rows of a mask ``[B, 1, Lq, Lk]``: one past the last
-    key any row of the chunk (in any batch row) may attend. One host sync for all chunks."""
+    key any row of the chunk (in any batch row) may attend. One host sync for all chunks; the
+    answer for the mask a forward passes to every layer is kept for the next layers."""
+    key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.dtype, chunk)
+    if _last_extents[0] == key:
+        return _last_extents[1]
     Lq, Lk = mask.shape[2], mask.shape[3]
     reach = torch.stack([allowed(mask[:, 0, a:a + chunk]).any(1).any(0)
                          for a in range(0, Lq, chunk)])
-    return (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, plus one
+    extents = (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, + 1
+    _last_extents[:] = [key, extents]
+    return extents
+
+
+_last_extents: list = [None, None]  # (which mask, its extents): every layer gets the same mask
 
 
 def _attend(query, key, value, mask, scale):
@@ -60,17 +70,19 @@ def _attend(query, key, value, mask, scale):
     groups = H // key.shape[1]
     if groups == 1:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
-    if torch.is_grad_enabled() and query.requires_grad:
-        # One call per member of a group (query heads r, r + groups, ... with KV heads 0, 1,
-        # ...): every call gets the same mask tensor, so the backward keeps it once.
-        parts = [F.scaled_dot_product_attention(query[:, r::groups], key, value, attn_mask=mask,
-                                                scale=scale) for r in range(groups)]
-        return torch.stack(parts, 2).reshape(B, H, n, d)
-    # Query heads g * groups + r share KV head g: rows (r, token) of one call per KV head.
-    rows = query.reshape(B, key.shape[1], groups * n, d)
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask.repeat(1, 1, groups, 1),
-                                         scale=scale)
-    return out.reshape(B, H, n, d)
+    if n * groups <= QUERY_CHUNK and not (torch.is_grad_enabled() and query.requires_grad):
+        # A few queries (a column step): query heads g * groups + r share KV head g, so they
+        # are rows (r, token) of one call per KV head, the small mask repeated for them.
+        rows = query.reshape(B, key.shape[1], groups * n, d)
+        out = F.scaled_dot_product_attention(rows, key, value,
+                                             attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+        return out.reshape(B, H, n, d)
+    # Many queries, or a backward to come: one call per member r of a group (query heads r,
+    # r + groups, ... with KV heads 0, 1, ...), each with the same mask tensor, so neither the
+    # mask nor the cache is copied (and the backward keeps the mask once).
+    parts = [F.scaled_dot_product_attention(query[:, r::groups], key, value, attn_mask=mask,
+                                            scale=scale) for r in range(groups)]
+    return torch.stack(parts, 2).reshape(B, H, n, d)
 
 
 def columnar_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -103,8 +115,15 @@ AttentionInterface.register(COLUMNAR_SDPA, columnar_sdpa_forward)
 AttentionMaskInterface.register(COLUMNAR_SDPA, sdpa_mask)
 
 
+def columnar_kernel(attn_implementation: str | None) -> str | None:
+    """What a columnar model runs for ``model.attn_implementation``: :data:`COLUMNAR_SDPA` for
+    ``sdpa``; other implementations (eager, flex_attention) as they are."""
+    return COLUMNAR_SDPA if attn_implementation == "sdpa" else attn_implementation
+
+
 def use_columnar_sdpa(model: nn.Module) -> None:
-    """Run ``model`` (unwrapped, e.g. from peft) with :data:`COLUMNAR_SDPA` where it runs
-    ``sdpa``; other implementations (eager, flex_attention) stay as they are."""
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(COLUMNAR_SDPA)
+    """Run ``model`` (unwrapped, e.g. from peft) with :func:`columnar_kernel` of its
+    implementation."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if columnar_kernel(current) != current:
+        model.set_attn_implementation(columnar_kernel(current))

@@ -34,8 +34,9 @@ DATA_KINDS = ("text", "qa")
 # How the questions of a context are answered (paradec/evaluation.py says what each mode does).
 MODES = ("parallel", "sequential", "baseline", "batched", "prefix", "joint")
 COLUMNAR_MODES = ("parallel", "sequential")  # the patched model; the others run it unpatched
-# The modes the speed benchmark times (joint needs a tokenizer to number the questions).
-BENCH_MODES = ("parallel", "sequential", "batched", "baseline", "prefix")
+# The modes the speed benchmark times (on token workloads a joint prompt is the context and the
+# questions in a row).
+BENCH_MODES = ("parallel", "sequential", "batched", "baseline", "prefix", "joint")
 CLOCKS = ("auto", "cpu", "wall")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ARCHS = ("qwen3", "llama", "qwen3_moe", "hub")
@@ -118,6 +119,7 @@ class ModelConfig:
 
     name: str = MISSING
     arch: str = MISSING  # qwen3 | llama | qwen3_moe (built from these fields) | hub (hub_id)
+    random_arch: Optional[str] = None  # arch=hub: build random weights of this from-scratch arch and the fields below when the checkpoint cannot load (stage=bench: speed does not depend on the weights)
     path: Optional[str] = None  # a saved model or adapter directory (or a Hub id): loaded, not built
     hub_id: Optional[str] = None  # arch=hub: the model on the Hugging Face Hub
     gguf_file: Optional[str] = None  # a local .gguf checkpoint (dequantised once, then cached)
@@ -151,6 +153,9 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         self.lora.validate()
         _one_of("model", self, "arch", ARCHS)
+        if self.random_arch is not None and self.random_arch not in ARCHS[:-1]:
+            _fail("model", "random_arch", f"must be one of {list(ARCHS[:-1])} or null, got "
+                  f"{self.random_arch!r}")
         if self.arch == "hub" and not (self.path or self.hub_id or self.gguf_file):
             raise ValueError("model.path, model.gguf_file or model.hub_id must be set for a "
                              "pretrained model")
@@ -330,28 +335,32 @@ class EvalConfig:
 class BenchConfig:
     """``bench``: what ``stage=bench`` measures (paradec/bench/)."""
 
-    model: Optional[str] = "minimind2_small"  # a conf/model preset built with random weights; null = the composed `model` group (e.g. model.path=<run>/model)
+    models: list = field(default_factory=lambda: ["minimind2_small"])  # conf/model presets, timed one after the other: from-scratch ones with random weights, a Hub one with its weights when they load (else random weights of its random_arch shape); [] = the composed `model` group (e.g. model.path=<run>/model)
     threads: int = 1  # torch.set_num_threads, reported in bench.json (0 = torch's default, all cores)
     seed: int = 0  # weight init and the random tokens of the workload
     clock: str = "auto"  # clock of every ratio: cpu (process CPU time), wall, or auto (cpu with 1 thread on CPU, else wall); both are reported
-    # Decoding workload: `contexts` contexts of context_tokens tokens, each with K questions of
-    # question_tokens tokens; every answer gets exactly new_tokens tokens (EOS ignored), greedy.
+    # Decoding grid: for each context length N and question count K, `contexts` random contexts of
+    # N tokens with K random questions of question_tokens tokens; every answer gets exactly
+    # new_tokens tokens (EOS ignored), greedy.
+    context_lengths: list = field(default_factory=lambda: [256, 1024, 4096])  # the N values
     branches: list = field(default_factory=lambda: [1, 2, 4, 8, 16])  # the K values
-    modes: list = field(default_factory=lambda: ["parallel", "sequential", "batched"])  # any of BENCH_MODES
-    contexts: int = 2
-    context_tokens: int = 300
+    modes: list = field(default_factory=lambda: ["parallel", "prefix", "sequential", "batched", "joint"])  # any of BENCH_MODES
+    contexts: int = 1  # contexts per (N, K)
     question_tokens: int = 12
     new_tokens: int = 16
-    repeats: int = 5  # timed repeats; medians are reported
-    warmup: int = 1  # untimed runs first (per K and mode)
-    limit: bool = True  # also time bare model forwards of each mode's shapes: decode_limit
-    # Training step: columnar mask vs a plain causal (is_causal) step on the same tokens.
+    single_questions: int = 1  # sequential / baseline answer one question at a time, at a cost per question that K does not change: they answer the first this many of each context
+    max_cell_tokens: int = 8192  # a mode runs on a workload only if it prefills at most this many tokens per context (batched copies the context into every row); skipped ones are listed
+    repeats: int = 2  # timed repeats; medians are reported
+    warmup: int = 1  # untimed runs of every mode first, per model, on the smallest N and K
+    limit: bool = True  # also time bare model forwards of parallel and of one sequential question: the bare-forward limit
+    roofline: bool = True  # measure this machine's read bandwidth and matmul throughput, and each mode's fraction of the limit they set
+    data_contexts: int = 0  # also time every mode on this many contexts of the composed data task's eval split (real lengths: data=squad data.path=...), on each model with a tokenizer; 0 = off
+    # Training step: columnar mask vs a plain causal (is_causal) step on the same tokens, on the
+    # first of `models`: time and peak resident memory at each length.
     train: bool = True
-    train_batch: int = 2  # samples per step
-    train_branches: int = 4  # branches per sample (all target tokens, like pretraining)
-    train_background_tokens: int = 128
-    train_branch_tokens: int = 96
-    train_repeats: int = 3
+    train_lengths: list = field(default_factory=lambda: [2048, 4096, 8192])  # tokens per sample (one sample per step)
+    train_branches: int = 8  # branches per sample (all target tokens, like pretraining), after a background of a quarter of the tokens
+    train_repeats: int = 2
     # Mask memory: dense bool [1,1,L,L] vs the FlexAttention BlockMask at each L.
     mask_lengths: list = field(default_factory=lambda: [2048, 4096, 8192])
     flex: bool = True  # build the BlockMasks too (works on CPU; the flex attention itself needs CUDA)
@@ -360,7 +369,7 @@ class BenchConfig:
     collator_samples: int = 8
     collator_branches: int = 16
     collator_tokens: int = 256
-    plot: bool = True  # bench.png: questions/s per mode vs K, achieved vs limit speedup
+    plot: bool = True  # bench.png: questions/s per mode vs K, parallel's speedup vs N
 
     def validate(self) -> "BenchConfig":
         _one_of("bench", self, "clock", CLOCKS)
@@ -372,14 +381,16 @@ class BenchConfig:
             _fail("bench", "modes", f"lists a mode twice: {list(self.modes)}")
         if not self.branches or any(int(k) < 1 for k in self.branches):
             _fail("bench", "branches", f"must be branch counts >= 1, got {list(self.branches)}")
+        for key in ("context_lengths", "train_lengths", "mask_lengths"):
+            if any(int(n) < 1 for n in getattr(self, key)):
+                _fail("bench", key, f"must be positive lengths, got {list(getattr(self, key))}")
+        if not self.context_lengths and not self.data_contexts:
+            _fail("bench", "context_lengths", "is empty and bench.data_contexts=0: nothing to "
+                  "decode")
         _at_least("bench", self, 1, "contexts", "question_tokens", "new_tokens", "repeats",
-                  "train_batch", "train_branches", "train_branch_tokens", "train_repeats",
+                  "single_questions", "max_cell_tokens", "train_branches", "train_repeats",
                   "collator_repeats", "collator_samples", "collator_branches", "collator_tokens")
-        _at_least("bench", self, 0, "threads", "warmup", "context_tokens",
-                  "train_background_tokens")
-        if any(int(n) < 1 for n in self.mask_lengths):
-            _fail("bench", "mask_lengths", f"must be positive lengths, got "
-                  f"{list(self.mask_lengths)}")
+        _at_least("bench", self, 0, "threads", "warmup", "data_contexts")
         return self
 
 

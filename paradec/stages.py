@@ -285,6 +285,7 @@ def bench_stage(run: Config, run_dir: Path, cfg: DictConfig):
     """Speed and memory of parallel decoding, measured side by side (paradec/bench/)."""
     from .bench.stage import run_benchmarks
 
+    adopt_saved_columnar(run)  # bench.models=[] times the composed model (e.g. model.path)
     return run_benchmarks(run, run_dir, cfg)
 
 

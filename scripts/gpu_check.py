@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_FAILED, EXIT_NO_CUDA = 1, 3
 TESTS = "tests/test_cuda.py"
-# The benchmark's workload here: every K of the default, fewer repeats than a full run.
-BENCH_ARGS = ["stage=bench", "bench.repeats=3", "bench.train_repeats=2", "logger.mode=disabled"]
+# The benchmark's workload here: the default grid (both models, every N, K and mode).
+BENCH_ARGS = ["stage=bench", "logger.mode=disabled"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "PYTHONPATH": str(ROOT)}
 
@@ -108,17 +108,20 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_table(report: dict) -> str:
-    """Absolute times per K and mode: questions/s and milliseconds per context."""
-    lines = ["| K | mode | questions/s | ms per context | forward calls per context |",
-             "|---|---|---|---|---|"]
+    """Absolute times per model, N, K and mode: questions/s, ms per context, forward calls."""
+    lines = ["| model | N | K | mode | questions/s | ms per context | forward calls per context |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["decode"]:
-        lines.append(f"| {r['branches']} | {r['mode']} | {r['questions_per_s']:.1f} | "
+        if "skipped" in r:
+            continue
+        lines.append(f"| {r['model']} | {r['context_tokens']} | {r['branches']} | {r['mode']} | "
+                     f"{r['questions_per_s']:.1f} | "
                      f"{1000 * r['wall_s'] / max(r['contexts'], 1):.1f} | "
                      f"{r['forward_calls']:.0f} |")
-    if "training" in report:
-        t = report["training"]
-        lines.append(f"\ntraining step: columnar {1000 * t['columnar_step_s']:.1f} ms, causal "
-                     f"{1000 * t['causal_step_s']:.1f} ms ({t['tokens']} tokens)")
+    for t in report.get("training", []):
+        lines.append(f"\ntraining step at L={t['length']}: columnar "
+                     f"{1000 * t['columnar_step_s']:.1f} ms, causal "
+                     f"{1000 * t['causal_step_s']:.1f} ms")
     return "\n".join(lines)
 
 

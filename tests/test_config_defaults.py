@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from paradec import config as schemas
 from paradec import models
+from paradec.attention import columnar_kernel
 from paradec.tasks import DATA_SCHEMAS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -119,7 +120,7 @@ def test_settings_left_unsaid_get_the_schema_defaults():
     model, _ = models.build_model(SHAPE)
     defaults = schemas.ModelConfig(**SHAPE)
     assert model.config.columnar["branch_stride"] == defaults.branch_stride
-    assert model.config._attn_implementation == defaults.attn_implementation
+    assert model.config._attn_implementation == columnar_kernel(defaults.attn_implementation)
     assert next(model.parameters()).dtype == models.DTYPES[defaults.dtype]
     built = models.transformers_config(SHAPE)
     assert built.rope_parameters["rope_theta"] == SHAPE["rope_theta"]

@@ -169,8 +169,7 @@ def test_eval_sharded_over_every_gpu_answers_like_one(gpu_model, tmp_path):
 
 
 def test_bench_runs_on_the_gpu_with_absolute_times(tmp_path):
-    cli("stage=bench", "bench.branches=[1,4]", "bench.repeats=2", "bench.contexts=1",
-        "bench.train_repeats=1", "bench.mask_lengths=[1024]", "bench.collator_repeats=1",
+    cli("stage=bench", "bench=quick", "bench.train_repeats=1", "bench.collator_repeats=1",
         "bench.plot=false", "logger.mode=disabled", run_dir=tmp_path, subprocess_run=True)
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["environment"]["device"].startswith("cuda")
@@ -179,4 +178,4 @@ def test_bench_runs_on_the_gpu_with_absolute_times(tmp_path):
                                                                        (4, "sequential")}
     for row in report["decode"]:
         assert row["wall_s"] > 0 and row["questions_per_s"] > 0
-    assert report["training"]["columnar_step_s"] > 0
+    assert all(t["columnar_step_s"] > 0 for t in report["training"])

@@ -67,6 +67,15 @@ def test_the_smollm2_preset_loads_offline_from_the_packaged_gguf(cache):
     assert tokenizer.chat_template
     preset = models.load_preset("smollm2_135m")
     assert suggest_pair_indices(model, preset.branch_stride) == list(preset.pair_indices)
+    # the shape the preset states for random weights (stage=bench without the checkpoint)
+    assert preset.random_arch == config.model_type
+    assert (preset.num_layers, preset.hidden_size, preset.num_heads, preset.num_kv_heads,
+            preset.head_dim, preset.intermediate_size, preset.vocab_size,
+            preset.tie_word_embeddings, preset.rope_theta, preset.max_position_embeddings) == (
+        config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+        config.num_key_value_heads, config.head_dim, config.intermediate_size,
+        config.vocab_size, config.tie_word_embeddings, config.rope_parameters["rope_theta"],
+        config.max_position_embeddings)
 
 
 def test_no_hub_and_no_package_is_one_line_naming_both_ways(cache):

@@ -1,13 +1,18 @@
-"""Memory of the columnar mask (dense bool vs FlexAttention BlockMask) and collator throughput.
+"""Memory of the columnar mask (dense bool vs FlexAttention BlockMask), the peak resident memory
+of a step, and the collator's throughput.
 
-Invariant: a figure printed here is measured in this process, median of repeats, warm-up excluded.
+Invariant: a figure printed here is measured in this process, median of repeats, warm-up excluded;
+a peak is the process's resident set high-water mark, reset right before the measured work.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import random
 import statistics
 import time
+from typing import Optional
 
 import torch
 
@@ -72,3 +77,39 @@ def layout_throughput(samples: int = 8, branches: int = 16, tokens: int = 256, r
         collate(items)
         times.append(time.perf_counter() - start)
     return samples * branches * tokens / statistics.median(times)
+
+
+# --- peak resident memory of one step (Linux: /proc/self) ---------------------------------------
+
+def _status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def start_peak_rss() -> Optional[int]:
+    """Return freed memory to the OS, reset the peak resident set size to the current one, and
+    return that (bytes); None where the kernel cannot reset it (not Linux)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed small blocks otherwise
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
+    except OSError:
+        return None
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss() -> Optional[int]:
+    """The peak resident set size (bytes) since :func:`start_peak_rss`."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024

@@ -1,4 +1,4 @@
-"""The benchmark's report: its speed targets, bench.md and bench.png.
+"""The benchmark's report: its targets, bench.md and bench.png.
 
 Invariant: the report only reads what :mod:`paradec.bench.stage` measured; a target is met,
 missed or ``None`` (not measured in this run), never estimated.
@@ -10,45 +10,71 @@ from pathlib import Path
 
 from ..config import BENCH_MODES, BenchConfig
 
-# Speed targets on a CPU, checked and reported in bench.json / bench.md.
-TARGET_LIMIT_FRACTION = 0.85   # parallel reaches this fraction of its limit at every K >= 2
-TARGET_VS_BATCHED = 1.5        # parallel / batched questions per second at the reference K
-TARGET_KV_FRACTION = 0.25      # parallel / batched peak KV tokens at the reference K
-TARGET_TRAIN_OVERHEAD = 1.3    # columnar / plain causal training step
-REFERENCE_K = 8
+# Targets on a CPU, checked per model and reported in bench.json / bench.md.
+LONG_CONTEXT, SHORT_CONTEXT, REFERENCE_K = 4096, 256, 8
+TARGET_VS_PREFIX_LONG = 2.0    # parallel / prefix questions per second at N=4096, K=8
+TARGET_VS_PREFIX_SHORT = 1.0   # ... and at N=256, every K: never slower
+TARGET_STEP_FRACTION = 0.5     # parallel's decode steps reach this fraction of the machine limit at N=4096
+TARGET_TRAIN_TIME = 1.15       # columnar / causal training step time at L=4096
+TARGET_TRAIN_MEMORY = 1.25     # ... and peak resident memory
+TRAIN_REFERENCE_LENGTH = 4096
+
+
+def _rows(report: dict, model: str, mode: str, **where) -> list[dict]:
+    return [r for r in report["decode"] if r["model"] == model and r["mode"] == mode
+            and "skipped" not in r and all(r[k] == v for k, v in where.items())]
+
+
+def _target(rule: str, value, met) -> dict:
+    return {"rule": rule, "value": value, "met": met}
 
 
 def check_targets(report: dict, cfg: BenchConfig) -> dict:
-    """Each speed target: its value and whether it is met (None = not measured)."""
-    rows, speed, limits = report["decode"], report["speedup"], report["decode_limit"]
+    """Each target, per model: its value and whether it is met (None = not measured)."""
     targets = {}
-    eff = {K: speed[K]["limit_fraction"] for K in limits
-           if K >= 2 and speed[K].get("limit_fraction") is not None}
-    worst = min(eff, key=eff.get) if eff else None
-    targets["parallel_vs_limit"] = {
-        "rule": f"parallel/sequential >= {TARGET_LIMIT_FRACTION} x limit at every K >= 2",
-        "value": eff[worst] if eff else None, "at_K": worst,
-        "met": (eff[worst] >= TARGET_LIMIT_FRACTION) if eff else None}
-    ref = REFERENCE_K if REFERENCE_K in speed else max(speed)
-    vs_bat = speed[ref]["vs_batched"]
-    targets["parallel_vs_batched"] = {
-        "rule": f"parallel >= {TARGET_VS_BATCHED}x batched questions/s at K={ref}",
-        "value": vs_bat, "at_K": ref,
-        "met": None if vs_bat is None else vs_bat >= TARGET_VS_BATCHED}
-    kv = speed[ref]["kv_vs_batched"]
-    targets["peak_kv"] = {
-        "rule": f"parallel peak KV tokens <= {TARGET_KV_FRACTION} x batched at K={ref}",
-        "value": kv, "at_K": ref, "met": None if kv is None else kv <= TARGET_KV_FRACTION}
-    par_rows = [r for r in rows if r["mode"] == "parallel"]
-    expected = 1 + (cfg.new_tokens - 1)
-    targets["parallel_forward_calls"] = {
-        "rule": f"parallel forward calls per context == 1 + {cfg.new_tokens - 1} at every K",
-        "value": sorted({r["forward_calls"] for r in par_rows}),
-        "met": all(r["forward_calls"] == expected for r in par_rows) if par_rows else None}
-    overhead = (report.get("training") or {}).get("train_overhead")
-    targets["train_overhead"] = {
-        "rule": f"columnar training step <= {TARGET_TRAIN_OVERHEAD}x a plain causal step",
-        "value": overhead, "met": None if overhead is None else overhead <= TARGET_TRAIN_OVERHEAD}
+    T, q = cfg.new_tokens, cfg.question_tokens
+    for model in report["models"]:
+        prefix = {(r["context_tokens"], r["branches"]): r for r in _rows(report, model, "prefix")}
+        par = _rows(report, model, "parallel")
+        long = prefix.get((LONG_CONTEXT, REFERENCE_K), {})
+        vs_long = long.get("parallel_speedup")
+        targets[f"{model}/vs_prefix_long"] = _target(
+            f"parallel >= {TARGET_VS_PREFIX_LONG}x prefix questions/s at N={LONG_CONTEXT}, "
+            f"K={REFERENCE_K} (steps alone: {_fmt(long.get('parallel_step_speedup'), 2)}x)",
+            vs_long, None if vs_long is None else vs_long >= TARGET_VS_PREFIX_LONG)
+        short = [r["parallel_speedup"] for (n, _), r in prefix.items() if n == SHORT_CONTEXT]
+        targets[f"{model}/vs_prefix_short"] = _target(
+            f"parallel >= {TARGET_VS_PREFIX_SHORT}x prefix questions/s at N={SHORT_CONTEXT}, "
+            "every K (the lowest)", min(short) if short else None,
+            min(short) >= TARGET_VS_PREFIX_SHORT if short else None)
+        over = [r for r in par if r["peak_kv_tokens"] > r["context_tokens"]
+                + r["branches"] * (q + T)]
+        targets[f"{model}/peak_kv"] = _target(
+            "parallel peak KV tokens <= N + K(q + T) per context at every N, K",
+            max((r["peak_kv_tokens"] for r in par), default=None),
+            None if not par else not over)
+        steps = [r["steps_limit_fraction"] for r in par if r["context_tokens"] == LONG_CONTEXT
+                 and r.get("steps_limit_fraction") is not None]
+        targets[f"{model}/step_bandwidth"] = _target(
+            f"parallel decode steps >= {TARGET_STEP_FRACTION} of the machine limit at "
+            f"N={LONG_CONTEXT} (the lowest over K)", min(steps) if steps else None,
+            min(steps) >= TARGET_STEP_FRACTION if steps else None)
+        calls = sorted({r["forward_calls"] for r in par})
+        targets[f"{model}/forward_calls"] = _target(
+            f"parallel forward calls per context == 1 + {T - 1} at every N, K", calls,
+            calls == [T] if calls else None)
+    for row in report["training"]:
+        if row["length"] != TRAIN_REFERENCE_LENGTH:
+            continue
+        targets[f"{row['model']}/train_time"] = _target(
+            f"columnar training step <= {TARGET_TRAIN_TIME}x the time of a causal step at "
+            f"L={TRAIN_REFERENCE_LENGTH}", row["time_ratio"],
+            row["time_ratio"] <= TARGET_TRAIN_TIME)
+        memory = row.get("memory_ratio")
+        targets[f"{row['model']}/train_memory"] = _target(
+            f"columnar training step <= {TARGET_TRAIN_MEMORY}x the peak resident memory of a "
+            f"causal step at L={TRAIN_REFERENCE_LENGTH}", memory,
+            None if memory is None else memory <= TARGET_TRAIN_MEMORY)
     return targets
 
 
@@ -69,72 +95,127 @@ def _mib(n) -> str:
                                                       else f"{n} B")
 
 
+def _qps(row: dict, clock: str) -> float:
+    return row["questions_per_cpu_s"] if clock == "cpu" else row["questions_per_s"]
+
+
 def format_markdown(report: dict) -> str:
     """The whole report as markdown (bench.md)."""
     env, w = report["environment"], report["workload"]
     clock = env["ratio_clock"]
+    per_s = "questions per CPU-second" if clock == "cpu" else "questions/s"
     clock_note = ("process CPU time (one thread: time the core was taken by other processes "
                   "does not count)" if clock == "cpu" else "wall time")
+    machine = env.get("machine")
     lines = [
-        f"# paradec bench: {env['model']} ({env['parameters'] / 1e6:.1f}M parameters, "
-        f"{env['attn_implementation']}, {env['dtype']}), {env['threads']} thread(s)",
-        "",
-        f"Workload: {w['contexts']} context(s) of {w['context_tokens']} tokens, K questions of "
-        f"{w['question_tokens']} tokens each, {w['new_tokens']} new tokens per answer (EOS "
-        f"ignored), greedy. {w['repeats']} repeat(s) after {w['warmup']} warm-up; in each repeat "
-        "the modes and bare forwards take turns on every context. Ratios are medians of these "
-        f"side-by-side pairs, on {clock_note}; both clocks are in bench.json. "
-        f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s), "
-        f"load average {env['load_before'][0]:.2f} before / {env['load_after'][0]:.2f} after, "
-        f"{env['bench_s']:.0f} s in all.",
-        "",
-        "## Decoding",
-        "",
-        "| K | mode | wall s | CPU s | questions/s (wall) | questions/CPU-s | x sequential | "
-        "forward calls / context | peak KV tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"# paradec bench: {', '.join(report['models'])}; {env['threads']} thread(s)", "",
+        f"Decoding grid: N in {w['context_lengths']} context tokens x K in {w['branches']} "
+        f"questions of {w['question_tokens']} tokens, {w['contexts']} context(s) per (N, K), "
+        f"{w['new_tokens']} new tokens per answer (EOS ignored), greedy. {w['repeats']} "
+        f"repeat(s) after {w['warmup']} warm-up; in each repeat the modes take turns on every "
+        f"context. Ratios are medians of these side-by-side pairs, on {clock_note}; both clocks "
+        f"are in bench.json. sequential answers the first {w['single_questions']} question(s) "
+        "of each context (one at a time, its cost per question does not depend on K), and every "
+        "figure of it is per question. A mode that would prefill more than "
+        f"{w['max_cell_tokens']} tokens per context is skipped (listed below). torch "
+        f"{env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPU(s), "
+        f"{env['device']}, load average {env['load_before'][0]:.2f} before / "
+        f"{env['load_after'][0]:.2f} after, {env['bench_s'] / 60:.1f} min in all.",
     ]
-    for r in report["decode"]:
-        rel = report["speedup"][r["branches"]]["vs_sequential"].get(r["mode"])
-        lines.append(f"| {r['branches']} | {r['mode']} | {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} "
-                     f"| {_fmt(r['questions_per_s'], 2)} | {_fmt(r['questions_per_cpu_s'], 2)} | "
-                     f"{_fmt(rel, 2)} | {_fmt(r['forward_calls'], 0)} | {r['peak_kv_tokens']} |")
-    lines += ["", "## Parallel vs its limit (bare forwards of the same shapes, same run)", "",
-              f"Limit = K x (prefill(N+q) + {w['new_tokens'] - 1} steps of 1) / (prefill(N+Kq) + "
-              f"{w['new_tokens'] - 1} steps of K), from bare model forwards; achieved = parallel "
-              "over sequential questions/s.", "",
-              "| K | limit | achieved | achieved / limit | limit (wall) | achieved (wall) | "
-              "parallel / batched q/s | KV parallel / batched |",
-              "|---|---|---|---|---|---|---|---|"]
-    for K, s in report["speedup"].items():
-        lines.append(f"| {K} | {_fmt(report['decode_limit'].get(K), 2)} | {_fmt(s['achieved'], 2)}"
-                     f" | {_fmt(s.get('limit_fraction'), 2)} | {_fmt(s.get('limit_wall'), 2)} | "
-                     f"{_fmt(s['achieved_wall'], 2)} | {_fmt(s['vs_batched'], 2)} | "
-                     f"{_fmt(s['kv_vs_batched'], 3)} |")
-    if report.get("bare_forwards"):
-        lines += ["", f"Bare forwards per context ({clock} s): the prefill and the steps of one "
-                  "parallel decode, and of one sequential question:", "",
-                  "| K | parallel prefill (tokens) | parallel steps | sequential prefill (tokens) "
-                  "| sequential steps |", "|---|---|---|---|---|"]
-        for K, b in report["bare_forwards"].items():
-            lines.append(f"| {K} | {_fmt(b['parallel_prefill_s'], 4)} "
-                         f"({b['parallel_prefill_tokens']}) | {_fmt(b['parallel_steps_s'], 4)} | "
-                         f"{_fmt(b['sequential_prefill_s'], 4)} ({b['sequential_prefill_tokens']})"
-                         f" | {_fmt(b['sequential_steps_s'], 4)} |")
-    t = report.get("training")
-    if t:
-        lines += ["", "## Training step", "",
-                  f"{t['batch']} x {t['length']} tokens, {t['attn_implementation']}; forward + "
-                  f"loss + backward + AdamW step ({t['clock']} s).", "",
-                  "| | columnar mask | plain causal (is_causal) | ratio |", "|---|---|---|---|",
-                  f"| full step | {_fmt(t['columnar_step_s'])} | {_fmt(t['causal_step_s'])} | "
-                  f"{_fmt(t['train_overhead'], 2)} |",
-                  f"| forward + backward | {_fmt(t['columnar_fwd_bwd_s'])} | "
-                  f"{_fmt(t['causal_fwd_bwd_s'])} | {_fmt(t['train_overhead_fwd_bwd'], 2)} |",
-                  "", f"Full step ratio on wall time: {_fmt(t['train_overhead_wall'], 2)}."]
+    if machine:
+        lines += ["", f"Machine ({machine['threads']} thread(s)): read bandwidth "
+                  f"{machine['read_bytes_per_s'] / 1e9:.1f} GB/s, copy "
+                  f"{machine['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), fp32 matmul "
+                  f"{machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s. A mode's limit is the sum "
+                  "over its forwards of max(bytes it must read / bandwidth, flops / matmul "
+                  "throughput): the weights once per forward plus the KV cache it attends "
+                  "(paradec/bench/roofline.py)."]
+    for model, info in report["models"].items():
+        lines += ["", f"## {model}", "",
+                  f"{info['parameters'] / 1e6:.1f}M parameters ({info['weights']} weights), "
+                  f"{info['attn_implementation']}, {info['dtype']}.", "",
+                  f"Parallel's speedup over each mode ({per_s}, per question; in brackets: the "
+                  "decode steps alone, after the first new token):", "",
+                  "| N | K | parallel " + per_s + " | " + " | ".join(
+                      f"x {m}" for m in w["modes"] if m != "parallel") + " |",
+                  "|---|---|---|" + "---|" * (len(w["modes"]) - 1)]
+        cells = {}
+        for r in report["decode"]:
+            if r["model"] == model:
+                cells.setdefault((r["context_tokens"], r["branches"]), {})[r["mode"]] = r
+        for (N, K), by_mode in cells.items():
+            par = by_mode.get("parallel", {})
+            out = []
+            for m in w["modes"]:
+                if m == "parallel":
+                    continue
+                r = by_mode.get(m, {})
+                out.append("skipped" if "skipped" in r else
+                           f"{_fmt(r.get('parallel_speedup'), 2)} "
+                           f"({_fmt(r.get('parallel_step_speedup'), 2)})" if r else "-")
+            lines.append(f"| {N} | {K} | {_fmt(_qps(par, clock), 2) if 'mode' in par and 'skipped' not in par else '-'} | "
+                         + " | ".join(out) + " |")
+        lines += ["", "Every run: time to the first new token (prefill), per decode step, forward "
+                  "calls and peak KV-cache tokens per context, and the fraction of the machine "
+                  "limit reached (whole decode / steps):", "",
+                  f"| N | K | mode | {per_s} | prefill s | step ms | forwards | peak KV | "
+                  "limit fraction |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["decode"]:
+            if r["model"] != model or "skipped" in r:
+                continue
+            lines.append(
+                f"| {r['context_tokens']} | {r['branches']} | {r['mode']} | "
+                f"{_fmt(_qps(r, clock), 2)} | {_fmt(r['prefill_s'], 3)} | "
+                f"{_fmt(r['step_ms'], 1)} | {_fmt(r['forward_calls'], 0)} | "
+                f"{r['peak_kv_tokens']} | {_fmt(r.get('limit_fraction'), 2)} / "
+                f"{_fmt(r.get('steps_limit_fraction'), 2)} |")
+        limits = [v for v in report["bare_limit"].values() if v["model"] == model]
+        if limits:
+            lines += ["", "Parallel over sequential against the bare-forward limit (the same "
+                      "model forwards with no decoder logic: K x one question / parallel):", "",
+                      "| N | K | limit | achieved | achieved / limit |", "|---|---|---|---|---|"]
+            for v in limits:
+                lines.append(f"| {v['context_tokens']} | {v['branches']} | {_fmt(v['limit'], 2)}"
+                             f" | {_fmt(v.get('achieved'), 2)} | {_fmt(v.get('fraction'), 2)} |")
+        data = [r for r in report["data"] if r["model"] == model]
+        if data:
+            d = data[0]
+            lines += ["", f"Real lengths ({d['contexts']} contexts of the data task, mean "
+                      f"{d['context_tokens']} context tokens, up to {d['branches']} questions of "
+                      f"mean {d['question_tokens']} tokens):", "",
+                      f"| mode | {per_s} | x parallel's speed (steps) | prefill s | step ms | "
+                      "forwards / context | peak KV |", "|---|---|---|---|---|---|---|"]
+            for r in data:
+                lines.append(f"| {r['mode']} | {_fmt(_qps(r, clock), 2)} | "
+                             f"{_fmt(r.get('parallel_speedup'), 2)} "
+                             f"({_fmt(r.get('parallel_step_speedup'), 2)}) | "
+                             f"{_fmt(r['prefill_s'], 3)} | {_fmt(r['step_ms'], 1)} | "
+                             f"{_fmt(r['forward_calls'], 1)} | {r['peak_kv_tokens']} |")
+    skipped = [r for r in report["decode"] if "skipped" in r]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(
+            f"{r['model']} N={r['context_tokens']} K={r['branches']} {r['mode']}"
+            for r in skipped) + f" (each {skipped[0]['skipped'].split(' per context')[0]} "
+            "or more per context)."]
+    if report["training"]:
+        t0 = report["training"][0]
+        lines += ["", "## Training step at long lengths", "",
+                  f"{t0['model']}, one sample of L tokens ({t0['branches']} branches after a "
+                  f"background of L/4), {t0['attn_implementation']}; forward + loss + backward + "
+                  f"AdamW step ({t0['clock']} s). Peak = the process's resident high-water mark "
+                  "during the step (model, gradients and optimizer state included); increase = "
+                  "over the resident memory right before it.", "",
+                  "| L | columnar s | causal s | time ratio | columnar peak | causal peak | "
+                  "peak ratio | increase ratio |", "|---|---|---|---|---|---|---|---|"]
+        for t in report["training"]:
+            lines.append(f"| {t['length']} | {_fmt(t['columnar_step_s'], 2)} | "
+                         f"{_fmt(t['causal_step_s'], 2)} | {_fmt(t['time_ratio'], 2)} | "
+                         f"{_mib(t.get('columnar_peak_rss'))} | {_mib(t.get('causal_peak_rss'))}"
+                         f" | {_fmt(t.get('memory_ratio'), 2)} | "
+                         f"{_fmt(t.get('increase_ratio'), 2)} |")
     if report.get("masks"):
         lines += ["", "## Mask memory", "",
-                  "| L | dense bool [1,1,L,L] | dense float32 (eager) | flex BlockMask | "
+                  "| L | dense bool [1,1,L,L] | dense float32 | flex BlockMask | "
                   "flex build s | flex sparsity % |", "|---|---|---|---|---|---|"]
         for m in report["masks"]:
             flex = _mib(m["flex_bytes"]) if m["flex_bytes"] is not None else (
@@ -145,54 +226,64 @@ def format_markdown(report: dict) -> str:
     if report.get("collator_tokens_per_s") is not None:
         lines += ["", f"Collator: {report['collator_tokens_per_s'] / 1e6:.2f}M tokens/s."]
     lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
-    for tgt in report["targets"].values():
+    for name, tgt in report["targets"].items():
         value = tgt["value"]
         value = _fmt(value, 3) if not isinstance(value, list) else ", ".join(map(_fmt, value))
-        lines.append(f"| {tgt['rule']} | {value} | {_fmt(tgt['met'])} |")
+        lines.append(f"| {name.split('/')[0]}: {tgt['rule']} | {value} | {_fmt(tgt['met'])} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_report(report: dict, path: Path) -> None:
-    """bench.png: questions/s per mode vs K, and achieved vs limit speedup over sequential."""
+    """bench.png, one column per model: parallel's speedup over prefix and over sequential
+    against N at K = 8 (whole decode, and prefix's decode steps alone); questions/s per mode
+    against K at the longest N."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, env = report["decode"], report["environment"]
+    env, w = report["environment"], report["workload"]
     cpu = env["ratio_clock"] == "cpu"
-    colors = {m: f"C{i}" for i, m in enumerate(BENCH_MODES)}  # one colour per mode, both panels
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        pts = sorted((r["branches"], r["questions_per_cpu_s" if cpu else "questions_per_s"])
-                     for r in rows if r["mode"] == mode)
-        left.plot(*zip(*pts), marker="o", color=colors[mode], label=mode)
-    ks = sorted(report["speedup"])
-    left.set(xscale="log", yscale="log", xlabel="K (questions per context)",
-             ylabel="questions per CPU-second" if cpu else "questions / s",
-             title="Decoding throughput")
-    left.set_xticks(ks, [str(k) for k in ks])
-    left.grid(alpha=0.3, which="both")
-    left.legend()
-    speed = report["speedup"]
-    lim = [(k, report["decode_limit"][k]) for k in ks if k in report["decode_limit"]]
-    if lim:
-        right.plot(*zip(*lim), marker="s", linestyle="--", color="black",
-                   label="limit (bare forwards)")
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        pts = [(k, speed[k]["vs_sequential"].get(mode)) for k in ks]
-        pts = [p for p in pts if p[1] is not None]
-        if mode != "sequential" and pts:
-            right.plot(*zip(*pts), marker="o", color=colors[mode], label=f"{mode} (achieved)")
-    right.plot(ks, ks, color="grey", alpha=0.4, linewidth=1, label="K")
-    right.set(xscale="log", yscale="log", xlabel="K (questions per context)",
-              ylabel="speedup over sequential", title="Speedup over one question at a time")
-    right.set_xticks(ks, [str(k) for k in ks])
-    right.grid(alpha=0.3, which="both")
-    right.legend()
-    w = report["workload"]
-    fig.suptitle(f"{env['model']} ({env['parameters'] / 1e6:.1f}M), {env['threads']} thread(s), "
-                 f"N={w['context_tokens']}, q={w['question_tokens']}, T={w['new_tokens']}, "
+    colors = {m: f"C{i}" for i, m in enumerate(BENCH_MODES)}  # one colour per mode
+    names = list(report["models"])
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 8), squeeze=False)
+    ks = sorted({r["branches"] for r in report["decode"]})
+    ref_k = REFERENCE_K if REFERENCE_K in ks else max(ks)
+    for col, model in enumerate(names):
+        top, bottom = axes[0][col], axes[1][col]
+        for mode, key, style, label in (
+                ("prefix", "parallel_speedup", "-", "over prefix"),
+                ("prefix", "parallel_step_speedup", "--", "over prefix, decode steps"),
+                ("sequential", "parallel_speedup", "-", "over sequential"),
+                ("batched", "parallel_speedup", ":", "over batched")):
+            pts = sorted((r["context_tokens"], r[key]) for r in _rows(report, model, mode,
+                                                                        branches=ref_k)
+                         if r.get(key) is not None)
+            if pts:
+                top.plot(*zip(*pts), marker="o", linestyle=style, color=colors[mode],
+                         label=label)
+        top.axhline(1, color="grey", linewidth=1, alpha=0.6)
+        top.set(xscale="log", yscale="log", xlabel="N (context tokens)",
+                ylabel="parallel's speedup (per question)",
+                title=f"{model}: parallel at K={ref_k}")
+        ns = sorted({r["context_tokens"] for r in _rows(report, model, "parallel")})
+        if ns:
+            top.set_xticks(ns, [str(n) for n in ns])
+        top.grid(alpha=0.3, which="both")
+        top.legend(fontsize=8)
+        longest = max(ns) if ns else None
+        for mode in w["modes"]:
+            pts = sorted((r["branches"], r["questions_per_cpu_s" if cpu else "questions_per_s"])
+                         for r in _rows(report, model, mode, context_tokens=longest))
+            if pts:
+                bottom.plot(*zip(*pts), marker="o", color=colors[mode], label=mode)
+        bottom.set(xscale="log", yscale="log", xlabel="K (questions per context)",
+                   ylabel="questions per CPU-second" if cpu else "questions / s",
+                   title=f"{model}: N={longest}")
+        bottom.set_xticks(ks, [str(k) for k in ks])
+        bottom.grid(alpha=0.3, which="both")
+        bottom.legend(fontsize=8)
+    fig.suptitle(f"{env['threads']} thread(s), q={w['question_tokens']}, T={w['new_tokens']}, "
                  f"{'CPU' if cpu else 'wall'} time", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
