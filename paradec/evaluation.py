@@ -269,9 +269,8 @@ def evaluate(model, tokenizer, samples: Sequence[BranchSample], cfg: EvalConfig,
 
     ``finetuned_format``: the ``collator.format`` paradec finetuned the model on (None: not
     finetuned by paradec); it decides ``eval.prompt=auto``."""
-    from accelerate.utils import gather_object
-
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     state = PartialState()
     style = prompt_style(cfg.prompt, tokenizer, finetuned_format)

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-
-from accelerate import Accelerator
 
 from . import checkpoint as ckpt
 from .batches import BatchStream, fixed_batches

@@ -4,8 +4,8 @@ and save / load / merge round trips give identical logits."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from accelerate import Accelerator
+
 from paradec import models
 from paradec.collator import ColumnarCollator
 from paradec.config import LoraSettings, TrainerConfig

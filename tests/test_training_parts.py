@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from accelerate import Accelerator
+
 from paradec import checkpoint as ckpt
 from paradec.batches import BatchStream
 from paradec.collator import ColumnarCollator
