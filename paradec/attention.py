@@ -1,13 +1,16 @@
 """Scaled dot-product attention for columnar masks: the work a mask rules out is never done.
 
 Invariant: :func:`columnar_sdpa_forward` returns what transformers' ``sdpa`` returns for the same
-query, keys, values and mask (up to float rounding); it only chooses how the work is cut. Two
-savings, both exact:
+query, keys, values and mask (up to float rounding); it only chooses how the work is cut. Three
+savings, all exact:
 
-- **Keys no query attends are skipped.** Queries go in chunks of :data:`QUERY_CHUNK` rows, and a
-  chunk attends only the keys up to the last one any of its rows may see. In the interleaved
-  layout (DESIGN section 1) a token attends no key after itself, so a training step or a prefill
-  costs about what a causal (``is_causal``) one costs instead of the full square; any other mask
+- **The context runs causal.** The leading rows whose mask is exactly causal (the background of
+  a columnar layout: one token per column, branch 0) go to the kernel's own ``is_causal`` path,
+  as a plain model's prefill does.
+- **Keys no query attends are skipped.** The other queries go in chunks of :data:`QUERY_CHUNK`
+  rows, and a chunk attends only the keys up to the last one any of its rows may see. In the
+  interleaved layout (DESIGN section 1) a token attends no key after itself, so a training step
+  or a prefill costs about what a causal one costs instead of the full square; any other mask
   is still right, only less is saved. The CPU kernel with a dense mask computes every block.
 - **Grouped-query attention without copying the KV heads.** transformers' ``sdpa`` repeats every
   cached key and value head for each query head of its group whenever a mask is given and more
@@ -24,6 +27,8 @@ mask builder), which is what a columnar model runs when ``model.attn_implementat
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,22 +50,46 @@ def allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
 
 
-def key_extents(mask: torch.Tensor, chunk: int) -> list[int]:
-    """For each chunk of ``chunk`` query rows of a mask ``[B, 1, Lq, Lk]``: one past the last
-    key any row of the chunk (in any batch row) may attend. One host sync for all chunks; the
-    answer for the mask a forward passes to every layer is kept for the next layers."""
+@dataclass(frozen=True)
+class Plan:
+    """How to cut the attention of a mask ``[B, 1, Lq, Lk]``."""
+
+    causal: int  # leading query rows that see exactly keys 0..i (in every batch row): one is_causal call
+    chunks: tuple  # (first row, end row, end key) of each later chunk of rows
+
+
+def causal_rows(mask: torch.Tensor) -> int:
+    """How many leading rows ``i`` of a square mask see exactly the keys ``0..i``, in every
+    batch row (the context of a columnar layout: branch 0, one token per column)."""
+    seen = allowed(mask[:, 0])
+    L = seen.shape[-1]
+    rows = torch.arange(L, device=mask.device)
+    blocked = ~seen
+    first_blocked = torch.where(blocked.any(-1), blocked.to(torch.uint8).argmax(-1), L)
+    exact = (first_blocked == rows + 1) & (seen.sum(-1) == rows + 1)
+    return int(exact.all(0).to(torch.long).cumprod(0).sum())
+
+
+def attention_plan(mask: torch.Tensor, chunk: int) -> Plan:
+    """The causal rows of ``mask`` (when it is square), then chunks of ``chunk`` rows, each
+    with one past the last key any of its rows (in any batch row) may attend. One host sync;
+    the plan of the mask a forward passes to every layer is kept for the next layers."""
     key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.dtype, chunk)
-    if _last_extents[0] == key:
-        return _last_extents[1]
+    if _last_plan[0] == key:
+        return _last_plan[1]
     Lq, Lk = mask.shape[2], mask.shape[3]
-    reach = torch.stack([allowed(mask[:, 0, a:a + chunk]).any(1).any(0)
-                         for a in range(0, Lq, chunk)])
-    extents = (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, + 1
-    _last_extents[:] = [key, extents]
-    return extents
+    causal = causal_rows(mask) if Lq == Lk else 0
+    starts = range(causal, Lq, chunk)
+    ends = []
+    if starts:
+        reach = torch.stack([allowed(mask[:, 0, a:a + chunk]).any(1).any(0) for a in starts])
+        ends = (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, + 1
+    plan = Plan(causal, tuple((a, min(a + chunk, Lq), end) for a, end in zip(starts, ends)))
+    _last_plan[:] = [key, plan]
+    return plan
 
 
-_last_extents: list = [None, None]  # (which mask, its extents): every layer gets the same mask
+_last_plan: list = [None, None]  # (which mask, its plan): every layer gets the same mask
 
 
 def _attend(query, key, value, mask, scale):
@@ -100,14 +129,19 @@ def columnar_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    Lq = query.shape[2]
-    if Lq <= QUERY_CHUNK:
+    if query.shape[2] <= QUERY_CHUNK:  # a column step, a short prefill
         out = _attend(query, key, value, mask, scaling)
     else:
-        out = torch.cat([_attend(query[:, :, a:a + QUERY_CHUNK], key[:, :, :end],
-                                 value[:, :, :end], mask[..., a:a + QUERY_CHUNK, :end], scaling)
-                         for a, end in zip(range(0, Lq, QUERY_CHUNK),
-                                           key_extents(mask, QUERY_CHUNK))], 2)
+        plan = attention_plan(mask, QUERY_CHUNK)
+        parts = []
+        if plan.causal:  # the context: exactly causal, so the kernel's own causal path
+            c = plan.causal
+            parts.append(F.scaled_dot_product_attention(
+                query[:, :, :c], key[:, :, :c], value[:, :, :c], is_causal=True, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1]))
+        parts += [_attend(query[:, :, a:b], key[:, :, :end], value[:, :, :end],
+                          mask[..., a:b, :end], scaling) for a, b, end in plan.chunks]
+        out = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from paradec import attention
-from paradec.attention import COLUMNAR_SDPA, columnar_sdpa_forward, key_extents
+from paradec.attention import COLUMNAR_SDPA, attention_plan, causal_rows, columnar_sdpa_forward
 from paradec.layout import Branch, BranchSample, build_layout
 from paradec.masks import columnar_mask, columnar_mask_qk, model_attention_mask
 from paradec.models import forward_layout
@@ -62,16 +62,41 @@ def ours(mask, q, k, v, heads, kv_heads):
     return columnar_sdpa_forward(Heads(heads, kv_heads), q, k, v, mask, scaling=0.25)[0]
 
 
-def test_key_extents_match_a_brute_force_reading():
+def test_the_plan_matches_a_brute_force_reading():
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand(2, 1, 70, 90, generator=gen) < 0.05
-    mask[0, 0, 5, 0] = True  # no chunk is empty
-    got = key_extents(mask, 16)
-    for c, a in enumerate(range(0, 70, 16)):
-        seen = mask[:, 0, a:a + 16].any(0).any(0).nonzero().flatten()
-        assert got[c] == int(seen.max()) + 1
+    mask[0, 0, :, 0] = True  # no chunk is empty
+    plan = attention_plan(mask, 16)
+    assert plan.causal == 0  # not square
+    for (a, b, end), start in zip(plan.chunks, range(0, 70, 16), strict=True):
+        seen = mask[:, 0, a:b].any(0).any(0).nonzero().flatten()
+        assert (a, b, end) == (start, min(start + 16, 70), int(seen.max()) + 1)
     additive = model_attention_mask(mask, COLUMNAR_SDPA, torch.float32)
-    assert key_extents(additive, 16) == got
+    assert attention_plan(additive, 16) == plan
+
+
+def brute_force_causal_rows(mask):
+    n = 0
+    for i in range(mask.shape[-1]):
+        want = torch.arange(mask.shape[-1]) <= i
+        if not all(torch.equal(mask[b, 0, i], want) for b in range(mask.shape[0])):
+            break
+        n += 1
+    return n
+
+
+def test_the_context_rows_are_found_causal():
+    lay = layout(seed=4, interleave=True)
+    mask = columnar_mask(lay.column, lay.valid, lay.branch)
+    shortest = min(int((lay.branch[b] == 0).sum()) for b in range(lay.branch.shape[0]))
+    # the shortest context, and the first token after it (which sees just that context)
+    assert causal_rows(mask) == brute_force_causal_rows(mask) == shortest + 1
+    square = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    assert causal_rows(square) == 6
+    square[0, 0, 3, 1] = False  # row 3 misses a key: rows 0-2 only
+    assert causal_rows(square) == brute_force_causal_rows(square) == 3
+    square[0, 0, 3, 1], square[0, 0, 1, 4] = True, True  # row 1 sees a later key
+    assert causal_rows(square) == brute_force_causal_rows(square) == 1
 
 
 @pytest.mark.parametrize("interleave", [True, False])
@@ -154,8 +179,12 @@ def test_keys_no_query_of_a_chunk_attends_are_never_computed(monkeypatch):
     q, k, v = qkv(1, L, 4, 2)
     with torch.no_grad():
         ours(mask, q, k, v, 4, 2)
-    pairs = sum(qs[2] * ks[2] for qs, ks in calls) // 2  # rows of a call: 2 query heads per KV head
-    assert pairs < 0.6 * L * L
+    context = 60 + 1  # the background, and its first branch token (which sees the same keys)
+    assert calls[0] == ((1, 4, context, 16), (1, 2, context, 16))  # one is_causal call
+    rows = sum(qs[2] for qs, _ in calls[1:]) // 2  # 2 query heads of a group per call
+    assert rows == L - context
+    pairs = sum(qs[2] * ks[2] for qs, ks in calls[1:]) // 2
+    assert pairs < 0.6 * (L * L - context * context)
     assert all(ks[1] == 2 for _, ks in calls)  # the two KV heads, never repeated
 
 
