@@ -281,4 +281,19 @@ def test_every_mode_on_a_data_tasks_own_contexts(tmp_path, tokenizer):
     assert by_mode["parallel"]["questions"] == 6  # the Normans' 5 and the Rhine's 1
     assert by_mode["sequential"]["questions"] == 2  # bench.single_questions=1 per context
     assert by_mode["parallel"]["forward_calls"] == T  # per context
-    assert "Real lengths (2 contexts" in (tmp_path / "out" / "bench.md").read_text()
+    assert "Real lengths (2 samples" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_the_probes_report_what_they_name(capsys):
+    from paradec.bench import probes
+    from paradec.bench.__main__ import main
+
+    layer = probes.attention_layer(length=600, heads=4, kv_heads=2, head_dim=16, repeats=1)
+    assert layer["length"] == 600
+    assert all(layer[k] > 0 for k in ("transformers_sdpa_dense_mask_s", "columnar_sdpa_s",
+                                      "is_causal_s"))
+    shares = probes.parallel_step_profile("tiny", context=64, branches=2, steps=2)
+    assert abs(sum(share for _, share in shares) - 1) < 1e-6
+    assert any("mm" in name or "linear" in name for name, _ in shares[:5])
+    main(["layout", "--samples", "2", "--branches", "2", "--tokens", "16"])
+    assert "M tokens/s" in capsys.readouterr().out

@@ -180,9 +180,10 @@ def format_markdown(report: dict) -> str:
         data = [r for r in report["data"] if r["model"] == model]
         if data:
             d = data[0]
-            lines += ["", f"Real lengths ({d['contexts']} contexts of the data task, mean "
-                      f"{d['context_tokens']} context tokens, up to {d['branches']} questions of "
-                      f"mean {d['question_tokens']} tokens):", "",
+            lines += ["", f"Real lengths ({d['contexts']} samples of the data task: its contexts, "
+                      f"mean {d['context_tokens']} tokens, with up to {d['branches']} of their "
+                      f"questions each, mean {d['question_tokens']} tokens; times summed over "
+                      "the samples):", "",
                       f"| mode | {per_s} | x parallel's speed (steps) | prefill s | step ms | "
                       "forwards / context | peak KV |", "|---|---|---|---|---|---|---|"]
             for r in data:
@@ -241,6 +242,9 @@ def plot_report(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, 6: not 5x10^-1
 
     env, w = report["environment"], report["workload"]
     cpu = env["ratio_clock"] == "cpu"
@@ -269,6 +273,7 @@ def plot_report(report: dict, path: Path) -> None:
         ns = sorted({r["context_tokens"] for r in _rows(report, model, "parallel")})
         if ns:
             top.set_xticks(ns, [str(n) for n in ns])
+
         top.grid(alpha=0.3, which="both")
         top.legend(fontsize=8)
         longest = max(ns) if ns else None
@@ -283,6 +288,11 @@ def plot_report(report: dict, path: Path) -> None:
         bottom.set_xticks(ks, [str(k) for k in ks])
         bottom.grid(alpha=0.3, which="both")
         bottom.legend(fontsize=8)
+        for ax in (top, bottom):
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(f"{env['threads']} thread(s), q={w['question_tokens']}, T={w['new_tokens']}, "
                  f"{'CPU' if cpu else 'wall'} time", fontsize=10)
     fig.tight_layout()

@@ -128,13 +128,14 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
                 "costs": asdict(costs)}
             log.info("bench: %s (%.2fM parameters, %s weights), %d thread(s)", name,
                      models.count_parameters(model) / 1e6, weights, torch.get_num_threads())
-            _warm_up(decoder, bcfg, vocab)
+            samples = (_data_samples(run, tokenizer, bcfg.data_contexts)
+                       if bcfg.data_contexts and tokenizer is not None else None)
+            _warm_up(decoder, bcfg, vocab, samples)
             rows, limits = bench_grid(decoder, bcfg, vocab, clock, costs, machine, name,
                                       progress)
             report["decode"] += rows
             report["bare_limit"].update({f"{name}/{k}": v for k, v in limits.items()})
-            if bcfg.data_contexts and tokenizer is not None:
-                samples = _data_samples(run, tokenizer, bcfg.data_contexts)
+            if samples:
                 report["data"] += bench_samples(decoder, samples, bcfg, vocab, clock, costs,
                                                 machine, name)
             if bcfg.train and index == 0:
@@ -160,14 +161,19 @@ def run_benchmarks(run, run_dir: Path, cfg=None) -> dict:
     return report
 
 
-def _warm_up(decoder: Decoder, cfg: BenchConfig, vocab: int) -> None:
-    """Untimed runs of every mode on the smallest workload: lazy initialisation, kernels,
-    allocator."""
-    if not cfg.warmup or not cfg.context_lengths:
+def _warm_up(decoder: Decoder, cfg: BenchConfig, vocab: int, samples=None) -> None:
+    """Untimed runs of every mode on the smallest workload of the grid (or the first data
+    sample when there is no grid): lazy initialisation, kernels, allocator."""
+    if not cfg.warmup:
         return
     small = dataclasses.replace(cfg, contexts=1)
-    work = first_k(make_contexts(small, vocab, min(int(n) for n in cfg.context_lengths)),
-                   min(int(k) for k in cfg.branches))
+    if cfg.context_lengths:
+        work = first_k(make_contexts(small, vocab, min(int(n) for n in cfg.context_lengths)),
+                       min(int(k) for k in cfg.branches))
+    elif samples:
+        work = samples[:1]
+    else:
+        return
     time_jobs({"warm-up": plan_jobs(decoder, work, small, vocab, cfg.modes, False)},
               cfg.warmup)
 
