@@ -20,14 +20,16 @@ savings, all exact:
   training step) each member of a group is one call against the KV heads with the same mask
   tensor, so nothing is copied and the backward keeps the mask once.
 
-Everything else (no mask, a float mask, dropout, a position bias) goes to transformers' own
-``sdpa`` unchanged, so a model patched with it is the plain model for the unpatched modes.
+Everything else (no mask, a mask not shaped ``[B, 1, Lq, Lk]``, dropout, a position bias,
+attention weights asked for) goes to transformers' own ``sdpa`` unchanged, so a model patched
+with it is the plain model for the unpatched modes.
 Registered as :data:`COLUMNAR_SDPA` with transformers' ``AttentionInterface`` (and ``sdpa``'s
 mask builder), which is what a columnar model runs when ``model.attn_implementation=sdpa``.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 COLUMNAR_SDPA = "paradec_sdpa"
 # Rows of queries per kernel call when keys can be skipped: small enough that a chunk's keys end
-# close to its own rows (the saving), large enough that the kernel stays efficient (measured on
-# a 4K-token training step: 256 is within a few % of is_causal attention, 1024 ~10% slower).
+# close to its own rows (the saving), large enough that the kernel stays efficient (one layer of
+# a 4K-token training step is then within 12% of is_causal: python -m paradec.bench attention).
 QUERY_CHUNK = 256
 
 
@@ -73,10 +75,11 @@ def causal_rows(mask: torch.Tensor) -> int:
 def attention_plan(mask: torch.Tensor, chunk: int) -> Plan:
     """The causal rows of ``mask`` (when it is square), then chunks of ``chunk`` rows, each
     with one past the last key any of its rows (in any batch row) may attend. One host sync;
-    the plan of the mask a forward passes to every layer is kept for the next layers."""
-    key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.dtype, chunk)
-    if _last_plan[0] == key:
-        return _last_plan[1]
+    the plan of the mask a forward passes to every layer is kept for the next layers (for that
+    very tensor, unchanged: a later mask at the same address is planned anew)."""
+    last, version, last_chunk, plan = _last_plan
+    if last is not None and last() is mask and version == mask._version and last_chunk == chunk:
+        return plan
     Lq, Lk = mask.shape[2], mask.shape[3]
     causal = causal_rows(mask) if Lq == Lk else 0
     starts = range(causal, Lq, chunk)
@@ -85,11 +88,13 @@ def attention_plan(mask: torch.Tensor, chunk: int) -> Plan:
         reach = torch.stack([allowed(mask[:, 0, a:a + chunk]).any(1).any(0) for a in starts])
         ends = (Lk - reach.flip(-1).to(torch.uint8).argmax(-1)).tolist()  # the last True, + 1
     plan = Plan(causal, tuple((a, min(a + chunk, Lq), end) for a, end in zip(starts, ends)))
-    _last_plan[:] = [key, plan]
+    _last_plan[:] = [weakref.ref(mask), mask._version, chunk, plan]
     return plan
 
 
-_last_plan: list = [None, None]  # (which mask, its plan): every layer gets the same mask
+# (a weak reference to the mask, its version, the chunk, its plan): every layer of a forward gets
+# the same mask tensor; a freed one's reference is dead, so its address can never match again.
+_last_plan: list = [None, None, None, None]
 
 
 def _attend(query, key, value, mask, scale):

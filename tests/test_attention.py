@@ -216,3 +216,28 @@ def test_saving_a_patched_model_does_not_record_the_columnar_kernel(tmp_path):
     model = tiny_model(pair_indices=[7])
     model.save_pretrained(tmp_path)
     assert COLUMNAR_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_a_new_mask_is_planned_anew_even_at_the_same_address():
+    """The plan is kept for the one mask tensor every layer of a forward gets; a changed or a
+    later mask (a new batch, in the freed memory of the last) is planned anew."""
+
+    def mask(blocked_row):
+        out = torch.ones(1, 1, 100, 100, dtype=torch.bool)
+        out.tril_()
+        out[0, 0, blocked_row, 5] = False  # rows from here on are not causal
+        return out
+
+    causal = mask(90)
+    first = attention_plan(causal, 32)
+    assert first.causal == 90 and attention_plan(causal, 32) is first  # kept for the layers
+    causal[0, 0, 50, 10] = False  # the same tensor changed in place: a new version
+    assert attention_plan(causal, 32).causal == 50
+    reused = 0
+    for row in (70, 60, 80):  # new masks of the same shape and version
+        address = causal.data_ptr()
+        del causal
+        causal = mask(row)
+        reused += causal.data_ptr() == address
+        assert attention_plan(causal, 32).causal == row
+    assert reused  # the allocator did hand the freed memory out again
