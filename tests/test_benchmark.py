@@ -281,7 +281,11 @@ def test_every_mode_on_a_data_tasks_own_contexts(tmp_path, tokenizer):
     assert by_mode["parallel"]["questions"] == 6  # the Normans' 5 and the Rhine's 1
     assert by_mode["sequential"]["questions"] == 2  # bench.single_questions=1 per context
     assert by_mode["parallel"]["forward_calls"] == T  # per context
-    assert "Real lengths (2 samples" in (tmp_path / "out" / "bench.md").read_text()
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "Real lengths (2 samples" in md
+    # no grid: neither its empty tables nor its unmeasured targets are printed
+    assert "no N x K grid" in md and "| N | K |" not in md and "None measured" in md
+    assert all(t["value"] is None for t in data["targets"].values())
 
 
 def test_the_probes_report_what_they_name(capsys):

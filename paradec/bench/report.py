@@ -61,7 +61,7 @@ def check_targets(report: dict, cfg: BenchConfig) -> dict:
             min(steps) >= TARGET_STEP_FRACTION if steps else None)
         calls = sorted({r["forward_calls"] for r in par})
         targets[f"{model}/forward_calls"] = _target(
-            f"parallel forward calls per context == 1 + {T - 1} at every N, K", calls,
+            f"parallel forward calls per context == 1 + {T - 1} at every N, K", calls or None,
             calls == [T] if calls else None)
     for row in report["training"]:
         if row["length"] != TRAIN_REFERENCE_LENGTH:
@@ -99,6 +99,77 @@ def _qps(row: dict, clock: str) -> float:
     return row["questions_per_cpu_s"] if clock == "cpu" else row["questions_per_s"]
 
 
+def _grid_tables(report: dict, model: str, per_s: str, clock: str) -> list[str]:
+    """The N x K tables of one model: parallel's speedups, then every run."""
+    w = report["workload"]
+    lines = ["", f"Parallel's speedup over each mode ({per_s}, per question; in brackets: the "
+              "decode steps alone, after the first new token):", "",
+              "| N | K | parallel " + per_s + " | " + " | ".join(
+                  f"x {m}" for m in w["modes"] if m != "parallel") + " |",
+              "|---|---|---|" + "---|" * (len(w["modes"]) - 1)]
+    cells = {}
+    for r in report["decode"]:
+        if r["model"] == model:
+            cells.setdefault((r["context_tokens"], r["branches"]), {})[r["mode"]] = r
+    for (N, K), by_mode in cells.items():
+        par = by_mode.get("parallel", {})
+        out = []
+        for m in w["modes"]:
+            if m == "parallel":
+                continue
+            r = by_mode.get(m, {})
+            out.append("skipped" if "skipped" in r else
+                       f"{_fmt(r.get('parallel_speedup'), 2)} "
+                       f"({_fmt(r.get('parallel_step_speedup'), 2)})" if r else "-")
+        measured = "mode" in par and "skipped" not in par
+        lines.append(f"| {N} | {K} | {_fmt(_qps(par, clock), 2) if measured else '-'} | "
+                     + " | ".join(out) + " |")
+    lines += ["", "Every run: time to the first new token (prefill), per decode step, forward "
+              "calls and peak KV-cache tokens per context, and the fraction of the machine "
+              "limit reached (whole decode / steps):", "",
+              f"| N | K | mode | {per_s} | prefill s | step ms | forwards | peak KV | "
+              "limit fraction |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["decode"]:
+        if r["model"] != model or "skipped" in r:
+            continue
+        lines.append(
+            f"| {r['context_tokens']} | {r['branches']} | {r['mode']} | "
+            f"{_fmt(_qps(r, clock), 2)} | {_fmt(r['prefill_s'], 3)} | "
+            f"{_fmt(r['step_ms'], 1)} | {_fmt(r['forward_calls'], 0)} | "
+            f"{r['peak_kv_tokens']} | {_fmt(r.get('limit_fraction'), 2)} / "
+            f"{_fmt(r.get('steps_limit_fraction'), 2)} |")
+    return lines
+
+
+def _bare_and_data_tables(report: dict, model: str, per_s: str, clock: str) -> list[str]:
+    """One model's bare-forward limit and real-length (data task) tables."""
+    lines = []
+    limits = [v for v in report["bare_limit"].values() if v["model"] == model]
+    if limits:
+        lines += ["", "Parallel over sequential against the bare-forward limit (the same "
+                  "model forwards with no decoder logic: K x one question / parallel):", "",
+                  "| N | K | limit | achieved | achieved / limit |", "|---|---|---|---|---|"]
+        for v in limits:
+            lines.append(f"| {v['context_tokens']} | {v['branches']} | {_fmt(v['limit'], 2)}"
+                         f" | {_fmt(v.get('achieved'), 2)} | {_fmt(v.get('fraction'), 2)} |")
+    data = [r for r in report["data"] if r["model"] == model]
+    if data:
+        d = data[0]
+        lines += ["", f"Real lengths ({d['contexts']} samples of the data task: its contexts, "
+                  f"mean {d['context_tokens']} tokens, with up to {d['branches']} of their "
+                  f"questions each, mean {d['question_tokens']} tokens; times summed over "
+                  "the samples):", "",
+                  f"| mode | {per_s} | x parallel's speed (steps) | prefill s | step ms | "
+                  "forwards / context | peak KV |", "|---|---|---|---|---|---|---|"]
+        for r in data:
+            lines.append(f"| {r['mode']} | {_fmt(_qps(r, clock), 2)} | "
+                         f"{_fmt(r.get('parallel_speedup'), 2)} "
+                         f"({_fmt(r.get('parallel_step_speedup'), 2)}) | "
+                         f"{_fmt(r['prefill_s'], 3)} | {_fmt(r['step_ms'], 1)} | "
+                         f"{_fmt(r['forward_calls'], 1)} | {r['peak_kv_tokens']} |")
+    return lines
+
+
 def format_markdown(report: dict) -> str:
     """The whole report as markdown (bench.md)."""
     env, w = report["environment"], report["workload"]
@@ -109,9 +180,10 @@ def format_markdown(report: dict) -> str:
     machine = env.get("machine")
     lines = [
         f"# paradec bench: {', '.join(report['models'])}; {env['threads']} thread(s)", "",
-        f"Decoding grid: N in {w['context_lengths']} context tokens x K in {w['branches']} "
-        f"questions of {w['question_tokens']} tokens, {w['contexts']} context(s) per (N, K), "
-        f"{w['new_tokens']} new tokens per answer (EOS ignored), greedy. {w['repeats']} "
+        (f"Decoding grid: N in {w['context_lengths']} context tokens x K in {w['branches']} "
+         f"questions of {w['question_tokens']} tokens, {w['contexts']} context(s) per (N, K), "
+         if w["context_lengths"] else "Decoding: no N x K grid in this run, ")
+        + f"{w['new_tokens']} new tokens per answer (EOS ignored), greedy. {w['repeats']} "
         f"repeat(s) after {w['warmup']} warm-up; in each repeat the modes take turns on every "
         f"context. Ratios are medians of these side-by-side pairs, on {clock_note}; both clocks "
         f"are in bench.json. sequential answers the first {w['single_questions']} question(s) "
@@ -133,65 +205,10 @@ def format_markdown(report: dict) -> str:
     for model, info in report["models"].items():
         lines += ["", f"## {model}", "",
                   f"{info['parameters'] / 1e6:.1f}M parameters ({info['weights']} weights), "
-                  f"{info['attn_implementation']}, {info['dtype']}.", "",
-                  f"Parallel's speedup over each mode ({per_s}, per question; in brackets: the "
-                  "decode steps alone, after the first new token):", "",
-                  "| N | K | parallel " + per_s + " | " + " | ".join(
-                      f"x {m}" for m in w["modes"] if m != "parallel") + " |",
-                  "|---|---|---|" + "---|" * (len(w["modes"]) - 1)]
-        cells = {}
-        for r in report["decode"]:
-            if r["model"] == model:
-                cells.setdefault((r["context_tokens"], r["branches"]), {})[r["mode"]] = r
-        for (N, K), by_mode in cells.items():
-            par = by_mode.get("parallel", {})
-            out = []
-            for m in w["modes"]:
-                if m == "parallel":
-                    continue
-                r = by_mode.get(m, {})
-                out.append("skipped" if "skipped" in r else
-                           f"{_fmt(r.get('parallel_speedup'), 2)} "
-                           f"({_fmt(r.get('parallel_step_speedup'), 2)})" if r else "-")
-            lines.append(f"| {N} | {K} | {_fmt(_qps(par, clock), 2) if 'mode' in par and 'skipped' not in par else '-'} | "
-                         + " | ".join(out) + " |")
-        lines += ["", "Every run: time to the first new token (prefill), per decode step, forward "
-                  "calls and peak KV-cache tokens per context, and the fraction of the machine "
-                  "limit reached (whole decode / steps):", "",
-                  f"| N | K | mode | {per_s} | prefill s | step ms | forwards | peak KV | "
-                  "limit fraction |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["decode"]:
-            if r["model"] != model or "skipped" in r:
-                continue
-            lines.append(
-                f"| {r['context_tokens']} | {r['branches']} | {r['mode']} | "
-                f"{_fmt(_qps(r, clock), 2)} | {_fmt(r['prefill_s'], 3)} | "
-                f"{_fmt(r['step_ms'], 1)} | {_fmt(r['forward_calls'], 0)} | "
-                f"{r['peak_kv_tokens']} | {_fmt(r.get('limit_fraction'), 2)} / "
-                f"{_fmt(r.get('steps_limit_fraction'), 2)} |")
-        limits = [v for v in report["bare_limit"].values() if v["model"] == model]
-        if limits:
-            lines += ["", "Parallel over sequential against the bare-forward limit (the same "
-                      "model forwards with no decoder logic: K x one question / parallel):", "",
-                      "| N | K | limit | achieved | achieved / limit |", "|---|---|---|---|---|"]
-            for v in limits:
-                lines.append(f"| {v['context_tokens']} | {v['branches']} | {_fmt(v['limit'], 2)}"
-                             f" | {_fmt(v.get('achieved'), 2)} | {_fmt(v.get('fraction'), 2)} |")
-        data = [r for r in report["data"] if r["model"] == model]
-        if data:
-            d = data[0]
-            lines += ["", f"Real lengths ({d['contexts']} samples of the data task: its contexts, "
-                      f"mean {d['context_tokens']} tokens, with up to {d['branches']} of their "
-                      f"questions each, mean {d['question_tokens']} tokens; times summed over "
-                      "the samples):", "",
-                      f"| mode | {per_s} | x parallel's speed (steps) | prefill s | step ms | "
-                      "forwards / context | peak KV |", "|---|---|---|---|---|---|---|"]
-            for r in data:
-                lines.append(f"| {r['mode']} | {_fmt(_qps(r, clock), 2)} | "
-                             f"{_fmt(r.get('parallel_speedup'), 2)} "
-                             f"({_fmt(r.get('parallel_step_speedup'), 2)}) | "
-                             f"{_fmt(r['prefill_s'], 3)} | {_fmt(r['step_ms'], 1)} | "
-                             f"{_fmt(r['forward_calls'], 1)} | {r['peak_kv_tokens']} |")
+                  f"{info['attn_implementation']}, {info['dtype']}."]
+        if any(r["model"] == model for r in report["decode"]):
+            lines += _grid_tables(report, model, per_s, clock)
+        lines += _bare_and_data_tables(report, model, per_s, clock)
     skipped = [r for r in report["decode"] if "skipped" in r]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(
@@ -226,8 +243,13 @@ def format_markdown(report: dict) -> str:
                          f"{_fmt(m['flex_build_s'])} | {_fmt(m['flex_sparsity'], 1)} |")
     if report.get("collator_tokens_per_s") is not None:
         lines += ["", f"Collator: {report['collator_tokens_per_s'] / 1e6:.2f}M tokens/s."]
-    lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
-    for name, tgt in report["targets"].items():
+    measured = {name: t for name, t in report["targets"].items() if t["value"] is not None}
+    lines += ["", "## Targets", ""]
+    if not measured:
+        return "\n".join(lines + ["None measured in this run (no decoding grid, no training "
+                                  "step at the reference length)."]) + "\n"
+    lines += ["| target | value | met |", "|---|---|---|"]
+    for name, tgt in measured.items():
         value = tgt["value"]
         value = _fmt(value, 3) if not isinstance(value, list) else ", ".join(map(_fmt, value))
         lines.append(f"| {name.split('/')[0]}: {tgt['rule']} | {value} | {_fmt(tgt['met'])} |")
