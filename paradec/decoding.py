@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from .config import DecodeConfig
+from .kv_cache import reserved_cache
 from .layout import BRANCH_STRIDE, Branch, BranchSample, build_layout
 from .masks import mask_for_model
 from .models import cache_kwargs, forward_layout
@@ -136,7 +136,8 @@ def decode_columnar(model, samples: Sequence[BranchSample], *, eos_token_id: int
                           branch_stride=branch_stride, pad_id=pad_token_id).to(device)
     layout.isolate_branches = isolate_branches
     B, K = layout.last_index.shape
-    cache = DynamicCache(config=model.config)
+    # every row holds its prompt and, per step, at most one token of each branch
+    cache = reserved_cache(model, layout.input_ids.shape[1] + K * (cfg.max_new_tokens - 1))
     # 1. Prefill: logits only where each branch's last prompt token sits.
     logits = forward_layout(model, layout, past_key_values=cache, use_cache=True,
                             logits_to_keep=layout.last_index.clamp(min=0)).logits
@@ -251,6 +252,7 @@ def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, 
                              min_new_tokens=cfg.max_new_tokens if cfg.ignore_eos else None,
                              eos_token_id=stop, pad_token_id=pad_token_id,
                              streamer=_StepStreamer(on_step) if on_step else None,
+                             **cache_kwargs(model, reserved_cache(model, width + cfg.max_new_tokens)),
                              **sample_kwargs)
     new = gen[:, width:]
     if stop is not None:  # cut after the first EOS (generate pads finished rows)
@@ -277,7 +279,7 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
                   pad_token_id: int, cfg: DecodeConfig,
                   on_step: OnStep | None = None) -> DecodeResult:
     """Prefix caching on the unpatched model: the rows' common prefix (the context) is prefilled
-    once into a ``DynamicCache`` that every row then shares (expanded to the rows), the rest of
+    once into a KV cache (:mod:`paradec.kv_cache`) that every row then shares (expanded to the rows), the rest of
     each row (its question) is prefilled as one right-padded batch, then all rows decode in one
     forward per new token.
 
@@ -292,7 +294,7 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
     device = next(model.parameters()).device
     n_rows = len(rows)
     common = common_prefix_length(rows)
-    cache = DynamicCache(config=model.config)
+    cache = reserved_cache(model, max(len(r) for r in rows) + cfg.max_new_tokens)
     forward_calls = 0
     if common:
         prefix = torch.tensor([rows[0][:common]], dtype=torch.long, device=device)

@@ -159,6 +159,9 @@ def transformers_config(model_cfg: Any, vocab_size: int | None = None):
             # take a 4D mask); the flag marks the model as one that trains with the aux loss.
             output_router_logits=True,
         )
+    if arch == HUB:
+        raise ValueError("model.arch=hub: a Hub model is loaded from its checkpoint "
+                         "(models.load_model), not built from a preset's sizes")
     raise ValueError(f"model.arch: {arch!r} is not one of ['qwen3', 'llama', 'qwen3_moe', 'hub']")
 
 

@@ -93,9 +93,14 @@ def test_columnar_loss_is_unshifted_cross_entropy():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("isolate", [False, True])
-def test_column_at_a_time_with_cache_equals_full_forward(attn, isolate):
-    """Prefill background + prompts, then one forward per column (all branches' tokens)."""
+@pytest.mark.parametrize("reserve", [None, 0, 64])
+def test_column_at_a_time_with_cache_equals_full_forward(attn, isolate, reserve):
+    """Prefill background + prompts, then one forward per column (all branches' tokens), on
+    transformers' DynamicCache (reserve None) and on the decoders' reserved cache, growing from
+    the prefill (0) or never (64)."""
     from transformers import DynamicCache
+
+    from paradec.kv_cache import reserved_cache
 
     model = small_model(pair_indices=[2, 6], attn_implementation=attn)
     sample = BranchSample([5, 6, 7, 8], [Branch([9, 10], [11, 12, 13]), Branch([14], [15, 16, 17, 18]),
@@ -105,7 +110,8 @@ def test_column_at_a_time_with_cache_equals_full_forward(attn, isolate):
         full = forward_layout(model, lay, isolate_branches=isolate).logits
         col = lay.column[0]
         start = int((col < lay.target_start[0]).sum())  # interleaved: prompts end before column C
-        cache = DynamicCache(config=model.config)
+        cache = (DynamicCache(config=model.config) if reserve is None
+                 else reserved_cache(model, reserve))
         pieces = []
         bounds = [start] + [int((col <= c).sum()) for c in range(int(lay.target_start[0]), int(col.max()) + 1)]
         prefill_mask = mask_for_model(model, lay.column[:, :start], lay.valid[:, :start],

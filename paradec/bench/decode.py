@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from .. import models
 from ..config import BenchConfig, CollatorConfig, DecodeConfig
 from ..decoding import DecodeResult, prompts_only, step_inputs
 from ..evaluation import run_mode
+from ..kv_cache import reserved_cache
 from ..layout import Branch, BranchSample, build_layout
 from ..masks import layout_attention_mask
 from .clocks import CPU, WALL, median, now, since, timed
@@ -128,6 +128,7 @@ class BareForwards:
                             logits_to_keep=layout.last_index.clamp(min=0))
         self.prefill_tokens = int(layout.input_ids.shape[1])
         K = layout.last_index.shape[1]
+        self.cache_tokens = self.prefill_tokens + K * (new_tokens - 1)
         q_branch = torch.arange(1, K + 1, device=device)[None]
         q_valid = torch.ones(1, K, dtype=torch.bool, device=device)
         cached = (layout.column, layout.valid, layout.branch)
@@ -143,7 +144,7 @@ class BareForwards:
 
     @torch.no_grad()
     def run(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        cache = DynamicCache(config=self.model.config)
+        cache = reserved_cache(self.model, self.cache_tokens)
         with_cache = models.cache_kwargs(self.model, cache)
         start = now()
         self.model(**self.prefill, **with_cache, use_cache=True).logits.argmax(-1)

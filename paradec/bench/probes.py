@@ -76,20 +76,19 @@ def parallel_step_profile(preset: str = "minimind2_small", context: int = 4096,
     their real masks and growing KV cache; :class:`paradec.bench.decode.BareForwards`), the
     largest first."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
 
+    from ..kv_cache import reserved_cache
     from .decode import BareForwards, first_k, make_contexts
+    from .stage import preset_model
 
-    config = models.load_preset(preset)
-    config.tokenizer.path = None
-    model = models.build_model(config)[0].eval()
+    model = preset_model(preset)[0].eval()
     vocab = int(model.config.vocab_size)
     cfg = BenchConfig(contexts=1, context_lengths=[context], branches=[branches])
     sample = first_k(make_contexts(cfg, vocab, context), branches)[0]
     bare = BareForwards(model, sample, steps + 1, CollatorConfig(), 0, vocab)
-    bare.run()  # warm-up: a whole decode (the allocator then reuses the cache's blocks)
+    bare.run()  # warm-up: a whole decode
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
+        cache = reserved_cache(model, bare.cache_tokens)
         kwargs = models.cache_kwargs(model, cache)
         model(**bare.prefill, **kwargs, use_cache=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -46,6 +46,14 @@ def _load(run, preset_name: str | None):
         model, tokenizer = models.load_model(run.model)
         name = run.model.path or run.model.hub_id or run.model.name
         return model, tokenizer, str(name), "checkpoint"
+    return preset_model(preset_name)
+
+
+def preset_model(preset_name: str):
+    """``(model, tokenizer or None, name, weights)`` of a ``conf/model`` preset: a from-scratch
+    preset with random weights; a Hub preset from its checkpoint, or, when that cannot load and
+    the preset states ``random_arch``, random weights of its architecture (for speed the values
+    of the weights do not matter)."""
     preset = models.load_preset(preset_name)
     if preset.arch != models.HUB:
         preset.tokenizer.path = None  # random weights: the preset's vocab_size
