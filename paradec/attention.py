@@ -64,11 +64,11 @@ def causal_rows(mask: torch.Tensor) -> int:
     """How many leading rows ``i`` of a square mask see exactly the keys ``0..i``, in every
     batch row (the context of a columnar layout: branch 0, one token per column)."""
     seen = allowed(mask[:, 0])
-    L = seen.shape[-1]
-    rows = torch.arange(L, device=mask.device)
-    blocked = ~seen
-    first_blocked = torch.where(blocked.any(-1), blocked.to(torch.uint8).argmax(-1), L)
-    exact = (first_blocked == rows + 1) & (seen.sum(-1) == rows + 1)
+    # Row i sees exactly 0..i: no key after i, none blocked up to i (bool passes only: a sum
+    # over a bool tensor widens it to int64 and costs as much as the rest together).
+    later = torch.triu(seen, 1).any(-1)
+    missing = torch.tril(~seen).any(-1)
+    exact = ~(later | missing)
     return int(exact.all(0).to(torch.long).cumprod(0).sum())
 
 
