@@ -247,12 +247,13 @@ def decode_plain(model, rows: Sequence[list[int]], *, eos_token_id: int | None, 
         sample_kwargs = {"do_sample": True, "temperature": cfg.temperature,
                          "top_k": cfg.top_k or None, "top_p": cfg.top_p}
     stop = None if cfg.ignore_eos else eos_token_id
+    cache = reserved_cache(model, width + cfg.max_new_tokens)
     with count_forwards(model) as calls:
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens,
                              min_new_tokens=cfg.max_new_tokens if cfg.ignore_eos else None,
                              eos_token_id=stop, pad_token_id=pad_token_id,
                              streamer=_StepStreamer(on_step) if on_step else None,
-                             **cache_kwargs(model, reserved_cache(model, width + cfg.max_new_tokens)),
+                             **cache_kwargs(model, cache),
                              **sample_kwargs)
     new = gen[:, width:]
     if stop is not None:  # cut after the first EOS (generate pads finished rows)
@@ -279,9 +280,9 @@ def decode_prefix(model, rows: Sequence[list[int]], *, eos_token_id: int | None,
                   pad_token_id: int, cfg: DecodeConfig,
                   on_step: OnStep | None = None) -> DecodeResult:
     """Prefix caching on the unpatched model: the rows' common prefix (the context) is prefilled
-    once into a KV cache (:mod:`paradec.kv_cache`) that every row then shares (expanded to the rows), the rest of
-    each row (its question) is prefilled as one right-padded batch, then all rows decode in one
-    forward per new token.
+    once into a KV cache (:mod:`paradec.kv_cache`) that every row then shares (expanded to the
+    rows), the rest of each row (its question) is prefilled as one right-padded batch, then all
+    rows decode in one forward per new token.
 
     Positions and the 2D attention mask make each row compute what it computes alone: it sees
     the prefix, its own suffix (never the padding) and its own new tokens, at positions

@@ -87,6 +87,7 @@ class ReservedLayer(DynamicLayer):
     def _select_rows(self, rows) -> None:
         """Keep buffer rows ``rows`` (an index tensor): the reserve goes with them."""
         if self.is_initialized:
+            rows = rows.to(self._keys.device)
             self._keys, self._values = self._keys[rows], self._values[rows]
             self._expose()
 
@@ -99,7 +100,7 @@ class ReservedLayer(DynamicLayer):
         self._select_rows(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx.to(self.device) if self.is_initialized else beam_idx)
+        self._select_rows(beam_idx)
 
 
 def reserved_cache(model, tokens: int) -> DynamicCache:

@@ -107,3 +107,25 @@ def test_generate_and_prefix_caching_on_the_reserved_cache_equal_dynamic_cache(m
                         lambda model, tokens: DynamicCache(config=model.config))
     assert run() == reserved
     assert reserved[0] == reserved[1]  # prefix caching answers what one row at a time does
+
+
+def test_the_decoders_reserve_what_they_hold(monkeypatch):
+    """Parallel, prefix and generate (plain) decoding never outgrow the reserve they ask for: no
+    step reallocates the cache."""
+    from paradec.decoding import decode_columnar
+    from paradec.layout import Branch, BranchSample
+
+    def refuse(self, needed):
+        raise AssertionError(f"the cache grew past its reserve of {self.capacity} tokens")
+
+    monkeypatch.setattr(ReservedLayer, "_grow", refuse)
+    model = tiny_model(vocab=61, pair_indices=[2])
+    cfg = DecodeConfig(max_new_tokens=6, ignore_eos=True)
+    samples = [BranchSample([5, 6, 7, 8], [Branch([9, 10], []), Branch([11], []),
+                                           Branch([12, 13, 14], [])]),
+               BranchSample([5, 6], [Branch([15], [])])]
+    result = decode_columnar(model, samples, eos_token_id=None, cfg=cfg)
+    assert all(len(t) == 6 for sample in result.tokens for t in sample)
+    rows = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 11], [5, 6, 7, 8, 12, 13, 14]]
+    decode_prefix(model, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)
+    decode_plain(model, rows, eos_token_id=None, pad_token_id=0, cfg=cfg)

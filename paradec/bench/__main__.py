@@ -33,7 +33,9 @@ def main(argv=None) -> None:
     attention.add_argument("--heads", type=int, default=8)
     attention.add_argument("--kv-heads", type=int, default=2)
     step = sub.add_parser("step", help="a profile of bare parallel decode steps")
-    step.add_argument("--model", default="minimind2_small", help="a conf/model preset (a Hub preset loads its checkpoint, or random weights of its random_arch)")
+    step.add_argument("--model", default="minimind2_small",
+                      help="a conf/model preset (a Hub preset: its checkpoint, or random weights "
+                           "of its random_arch)")
     step.add_argument("--context", type=int, default=4096)
     step.add_argument("--branches", type=int, default=8)
     sub.add_parser("matmul", help="a few rows against a 4096 x 4096 fp32 weight")

@@ -295,7 +295,6 @@ def plot_report(report: dict, path: Path) -> None:
         ns = sorted({r["context_tokens"] for r in _rows(report, model, "parallel")})
         if ns:
             top.set_xticks(ns, [str(n) for n in ns])
-
         top.grid(alpha=0.3, which="both")
         top.legend(fontsize=8)
         longest = max(ns) if ns else None
